@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make demo   set everything up (idempotent), then `dvc repro` the pipeline on the embedded demo dataset
+#   make test   set everything up, then run the test suite
+# Set-up builds .venv once; it reruns only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medfocus-installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-fast benchmarks clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# torch first: sam2 compiles against the installed torch (without build isolation, which would fetch a second torch)
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install -q --no-build-isolation -c constraints.txt sam2
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# DVC needs a git repository and a .dvc folder; both are made here when missing (e.g. an exported tarball).
+demo: setup
+	git rev-parse --git-dir >/dev/null 2>&1 || git init -q
+	test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/dvc repro
+	@echo "report: cache/demo/report/index.html"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean-cache:
+	rm -rf cache/*/

@@ -1,0 +1,209 @@
+"""``params.yaml``: one section per stage, each parsed into a pydantic model that refuses unknown keys and bad values.
+
+Command-line options override the file through dotted keys (``{"segment.backend": "sam2"}``), validated by the same
+models, so a bad value is refused the same way wherever it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params.yaml key or a command-line value was refused; the message names the key and the value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ClassDefinition(Section):
+    name: str = Field(description="Class name as used in reports and prompts (snake_case).")
+    folders: list[str] = Field(default_factory=list, description="Folder names that hold this class, if not the name itself.")
+    prompts: list[str] = Field(default_factory=list, description="Text prompts describing an image of this class.")
+
+
+class DatasetDefinition(Section):
+    """A dataset added in params.yaml without code (the built-in ones live in pipeline/datasets.py)."""
+
+    root: str = Field(description="Folder-per-class directory, train/ + test/ folders, or a CSV path,label[,split].")
+    modality: str = Field(default="medical image", description="Used in generic prompts, e.g. 'chest X-ray'.")
+    classes: list[ClassDefinition] = Field(default_factory=list, description="Empty: the class folders found under root.")
+
+
+class PrepareParams(Section):
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Held-out share per class when the dataset has no test split.")
+    seed: int = Field(default=0, ge=0, description="Seed of the test split.")
+    fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0], description="Training fractions (the paper's protocol).")
+    shots: list[int] = Field(default=[1, 2, 4, 8, 16], description="k-shot subset sizes per class.")
+    subset_seeds: list[int] = Field(default=[0, 1, 2, 3, 4], description="Seeds of the training subsets.")
+    demo_images_per_class: int = Field(default=40, ge=2, description="Size of the generated demo dataset.")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"every fraction must be in (0, 1], got {value}")
+        return sorted(set(values))
+
+    @field_validator("shots")
+    @classmethod
+    def _shots_positive(cls, values: list[int]) -> list[int]:
+        for value in values:
+            if value < 1:
+                raise ValueError(f"every shot count must be >= 1, got {value}")
+        return sorted(set(values))
+
+
+Scheduler = str  # "synchronous" | "threads" | "processes" | "local-cluster[:N]" | "tcp://host:port"; checked by pipeline.runner
+
+
+def _check_scheduler(value: str) -> str:
+    from .runner import parse_scheduler
+
+    parse_scheduler(value)
+    return value
+
+
+class ParallelParams(Section):
+    scheduler: Scheduler = Field(default="threads", description="dask scheduler: synchronous, threads, processes, local-cluster[:N] or tcp://host:port.")
+    workers: int = Field(default=2, ge=1, description="Workers for the threads/processes/local-cluster schedulers.")
+    chunk_size: int = Field(default=8, ge=1, description="Images per dask task (one model load per worker, one write per image).")
+    store_root: str = Field(default="", description="Where the Zarr stores go: empty = cache/<dataset>; a shared path or an fsspec URL (s3://...) for clusters.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_known(cls, value: str) -> str:
+        return _check_scheduler(value)
+
+
+class SegmentParams(ParallelParams):
+    backend: Literal["litemedsam", "sam2"] = Field(default="litemedsam", description="litemedsam: offline pretrained medical SAM; sam2: Meta's SAM2 (needs weights).")
+    policy: str = Field(default="auto", description="ROI proposal/selection policy; 'auto' = the measured best for the dataset.")
+    store_resolution: int = Field(default=256, ge=32, le=2048, description="Side of the stored label map and ROI mask.")
+    sam2_model: Literal["tiny", "small", "base_plus", "large"] = "tiny"
+    sam2_checkpoint: str = Field(default="auto", description="Local .pt path, or 'auto' = the Hugging Face hub cache (downloads on a connected machine).")
+    sam2_mode: Literal["auto", "prompted"] = Field(default="prompted", description="auto = the paper's automatic mask generator; prompted = fast ROI mode.")
+    points_per_side: int = Field(default=32, ge=2, le=128, description="Point grid of SAM2's automatic mask generator.")
+    allow_random_init: bool = Field(default=False, description="Build the segmenter without weights when none can be had (tests only; marked random-init).")
+    device: str = "cpu"
+
+
+class FeaturesParams(ParallelParams):
+    model: str = Field(default="ViT-B-32", description="open_clip model name, an hf-hub: name, or 'litemedsam' (offline pretrained medical encoder).")
+    pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'.")
+    allow_random_init: bool = Field(default=True, description="With pretrained=auto: fall back to random init offline (every output then says random-init).")
+    modes: list[Literal["none", "overlay", "blur", "crop", "attention"]] = Field(default=["none", "attention"], description="ROI steering modes to compute, each its own store.")
+    overlay_alpha: float = Field(default=0.35, gt=0.0, lt=1.0)
+    blur_sigma: float = Field(default=8.0, gt=0.0)
+    crop_margin: float = Field(default=0.15, ge=0.0, le=2.0)
+    attention_strength: float = Field(default=2.0, ge=0.0)
+    attention_layers: str = Field(default="all", description="'all' or comma-separated block indices, e.g. '6,7,8,9,10,11'.")
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(default=16, ge=1)
+    chunk_size: int = Field(default=32, ge=1)
+    device: str = "cpu"
+
+    @field_validator("modes")
+    @classmethod
+    def _modes_nonempty(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("list at least one mode")
+        return list(dict.fromkeys(values))
+
+
+class TrainParams(Section):
+    method: str = "medfocus"
+    mode: str = Field(default="attention", description="Which feature store (ROI steering mode) the head trains on.")
+    fraction: float | None = Field(default=0.05, gt=0.0, le=1.0)
+    shots: int | None = Field(default=None, ge=1)
+    seed: int = Field(default=0, ge=0)
+    settings: dict[str, Any] = Field(default_factory=dict, description="Trainer hyperparameters (lambda, epochs, lr, ...), see medfocus.trainer.TrainConfig.")
+
+    @model_validator(mode="after")
+    def _fraction_or_shots(self) -> "TrainParams":
+        if self.shots is not None and self.fraction is not None:
+            object.__setattr__(self, "fraction", None)
+        return self
+
+
+class EvaluateParams(Section):
+    methods: list[str] = Field(default=["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus"])
+    modes: list[str] = Field(default=["none", "attention"])
+    fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    shots: list[int] = Field(default_factory=list, description="Also run k-shot subsets (e.g. [1, 2, 4, 8, 16]).")
+    seeds: list[int] = Field(default=[0, 1, 2, 3, 4])
+
+
+class ReportParams(Section):
+    gallery_images: int = Field(default=8, ge=1, le=64)
+
+
+class Params(Section):
+    datasets: list[str] = Field(default=["demo"], description="Datasets `dvc repro` runs.")
+    custom_datasets: dict[str, DatasetDefinition] = Field(default_factory=dict, description="Datasets added without code.")
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    segment: SegmentParams = Field(default_factory=SegmentParams)
+    features: FeaturesParams = Field(default_factory=FeaturesParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    report: ReportParams = Field(default_factory=ReportParams)
+
+
+def _describe_errors(error: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}' (value {item['input']!r})")
+        else:
+            lines.append(f"{source}: {key} = {item.get('input')!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_params(raw: dict[str, Any] | None, *, source: str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Validate a params mapping (plus dotted overrides whose value is not None) into :class:`Params`."""
+    tree: dict[str, Any] = dict(raw or {})
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy through the same types the file has
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe_errors(error, source, tree)) from None
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Read params.yaml (defaults when the file is absent and no path was asked for) and apply overrides."""
+    explicit = path is not None
+    path = Path(path) if explicit else DEFAULT_PARAMS_FILE
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"params file {path} does not exist")
+        return parse_params({}, source="defaults", overrides=overrides)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, source=str(path), overrides=overrides)

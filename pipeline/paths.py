@@ -1,0 +1,91 @@
+"""Where every output of a dataset lives: one place, so no stage invents its own path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CACHE_ROOT = Path("cache")
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    dataset: str
+    cache_root: Path = DEFAULT_CACHE_ROOT
+
+    @property
+    def dir(self) -> Path:
+        return self.cache_root / self.dataset
+
+    # prepare
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.csv"
+
+    @property
+    def splits(self) -> Path:
+        return self.dir / "splits.json"
+
+    @property
+    def prepare_summary(self) -> Path:
+        return self.dir / "prepare.json"
+
+    # segment
+    @property
+    def masks_dir(self) -> Path:
+        return self.dir / "masks"
+
+    @property
+    def segment_summary(self) -> Path:
+        return self.dir / "segment.json"
+
+    @property
+    def gallery(self) -> Path:
+        return self.dir / "masks_gallery.png"
+
+    # features
+    @property
+    def features_dir(self) -> Path:
+        return self.dir / "features"
+
+    @property
+    def features_summary(self) -> Path:
+        return self.dir / "features.json"
+
+    # train / evaluate / predict / report
+    @property
+    def models_dir(self) -> Path:
+        return self.dir / "models"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.dir / "evaluation"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def runs_csv(self) -> Path:
+        return self.evaluation_dir / "runs.csv"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.dir / "predictions"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.dir / "report"
+
+    def store_url(self, kind: str, key: str, store_root: str = "") -> str:
+        """A Zarr store for ``kind`` ('masks' or 'features') keyed by ``key``; ``store_root`` puts it on shared storage."""
+        name = f"{key}.zarr"
+        if store_root:
+            return f"{store_root.rstrip('/')}/{self.dataset}/{kind}/{name}"
+        return str(self.dir / kind / name)
+
+
+def read_json(path: Path) -> dict:
+    with Path(path).open() as handle:
+        return json.load(handle)
