@@ -146,8 +146,14 @@ class ReportParams(Section):
     gallery_images: int = Field(default=8, ge=1, le=64)
 
 
+class DatasetRun(Section):
+    root: str = Field(description="Where this dataset's images are (dvc.yaml passes it as --root and tracks it as a dependency).")
+
+
 class Params(Section):
-    datasets: list[str] = Field(default=["demo"], description="Datasets `dvc repro` runs.")
+    datasets: dict[str, DatasetRun] = Field(
+        default_factory=lambda: {"demo": DatasetRun(root="data/demo")}, description="Datasets `dvc repro` runs, with their roots."
+    )
     custom_datasets: dict[str, DatasetDefinition] = Field(default_factory=dict, description="Datasets added without code.")
     prepare: PrepareParams = Field(default_factory=PrepareParams)
     segment: SegmentParams = Field(default_factory=SegmentParams)

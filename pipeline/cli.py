@@ -1,0 +1,205 @@
+"""The ``medfocus`` command line: one command per pipeline stage, each reading params.yaml, options overriding it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .config import ConfigError, Params, load_params
+from .datasets import UnknownDatasetError, registry, resolve_dataset
+from .manifest import DatasetError
+from .paths import DEFAULT_CACHE_ROOT, DatasetPaths
+from .store import StoreMismatchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+log = logging.getLogger("medfocus")
+
+# Errors a user can fix: shown as one clear line and exit code 2, without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError)
+
+DatasetOption = typer.Option(..., "--dataset", "-d", help="Registered dataset name, or any name with --root for your own folder.")
+RootOption = typer.Option(None, "--root", help="Dataset folder (folder-per-class, train/ + test/, or a CSV path,label[,split]).")
+ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml if present).")
+CacheOption = typer.Option(DEFAULT_CACHE_ROOT, "--cache-dir", help="Where pipeline outputs go.")
+SchedulerOption = typer.Option(None, "--scheduler", help="synchronous | threads | processes | local-cluster[:N] | tcp://host:port")
+WorkersOption = typer.Option(None, "--workers", help="Workers for threads/processes/local-cluster.")
+StoreRootOption = typer.Option(None, "--store-root", help="Put the Zarr stores here (shared path or fsspec URL) instead of cache/.")
+QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    _setup_logging()
+    try:
+        return action()
+    except USER_ERRORS as error:
+        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2) from None
+
+
+def _load(params_file: Optional[Path], overrides: dict[str, Any]) -> Params:
+    return load_params(params_file, overrides)
+
+
+def _dataset(name: str, root: Optional[Path], params: Params, cache_dir: Path):
+    return resolve_dataset(name, root, params), DatasetPaths(name, cache_dir)
+
+
+def _print_json(payload: dict) -> None:
+    typer.echo(json.dumps(payload, indent=2))
+
+
+@app.command()
+def datasets(params_file: Optional[Path] = ParamsOption) -> None:
+    """List the registered datasets, their roots and whether their data is present."""
+
+    def action() -> None:
+        params = _load(params_file, {})
+        for name, spec in sorted(registry(params).items()):
+            present = "present" if spec.root.exists() else ("generated on first use" if name == "demo" else "absent")
+            typer.echo(f"{name:16s} {str(spec.root):32s} {present:24s} classes: {', '.join(spec.class_names)}")
+
+    _run(action)
+
+
+@app.command()
+def prepare(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Held-out share per class when the dataset has no test split, in (0, 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the test split."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Decode, hash, de-duplicate and split a dataset: cache/<dataset>/manifest.csv, splits.json, prepare.json."""
+    from medfocus.stages.prepare import prepare as run_prepare
+
+    def action() -> None:
+        params = _load(params_file, {"prepare.test_fraction": test_fraction, "prepare.seed": seed})
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        summary = run_prepare(spec, params, paths, progress=not quiet)
+        keys = ("dataset", "images", "counts", "corrupt_count", "duplicate_groups", "duplicate_files_removed", "leaked_train_test", "warnings")
+        _print_json({k: summary[k] for k in keys} | {"corrupt": [c["path"] for c in summary["corrupt"]],
+                                                      "leaked": [p for leak in summary["leaks"] for p in leak["removed_from_train"]],
+                                                      "summary": str(paths.prepare_summary)})
+
+    _run(action)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+def _exit_if_everything_failed(summary: dict) -> None:
+    """Exit code 0 unless every image that needed work failed (then something is wrong with the set-up, not the data)."""
+    if summary["failed_count"] and summary["processed"] == 0 and summary["skipped"] == 0:
+        typer.secho(f"error: all {summary['failed_count']} images failed; first reason: {summary['failed'][0]['reason']}",
+                    err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1)
+
+
+def _stage_overview(summary: dict, extra: tuple[str, ...] = ()) -> dict:
+    keys = ("processed", "skipped", "failed_count", "seconds", "images_per_s", "store", *extra)
+    return {k: summary[k] for k in keys if k in summary} | {"failed": [f"{f['path']}: {f['reason']}" for f in summary["failed"]]}
+
+
+@app.command()
+def segment(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    backend: Optional[str] = typer.Option(None, "--backend", help="litemedsam (offline pretrained) or sam2 (needs weights)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="ROI policy; 'auto' picks the measured best for the dataset."),
+    sam2_model: Optional[str] = typer.Option(None, "--sam2-model", help="tiny | small | base_plus | large"),
+    sam2_checkpoint: Optional[str] = typer.Option(None, "--sam2-checkpoint", help="Local checkpoint path, or 'auto' (Hugging Face hub cache)."),
+    sam2_mode: Optional[str] = typer.Option(None, "--sam2-mode", help="auto (the paper's automatic mask generator) or prompted (fast)."),
+    scheduler: Optional[str] = SchedulerOption,
+    workers: Optional[int] = WorkersOption,
+    store_root: Optional[str] = StoreRootOption,
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Segment every image once into the dataset's Zarr mask store (new images only on a rerun)."""
+    from medfocus.stages.segment import segment as run_segment
+
+    def action() -> dict:
+        params = _load(params_file, {
+            "segment.backend": backend, "segment.policy": policy, "segment.sam2_model": sam2_model,
+            "segment.sam2_checkpoint": sam2_checkpoint, "segment.sam2_mode": sam2_mode, "segment.scheduler": scheduler,
+            "segment.workers": workers, "segment.store_root": store_root,
+        })
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        summary = run_segment(spec, params, paths, progress=not quiet)
+        _print_json(_stage_overview(summary, ("policy",)) | {"summary": str(paths.segment_summary)})
+        return summary
+
+    _exit_if_everything_failed(_run(action))
+
+
+@app.command("show-masks")
+def show_masks(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    count: int = typer.Option(8, "--count", "-n", min=1, max=64, help="How many images."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default cache/<dataset>/masks_gallery.png)."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+) -> None:
+    """Write a PNG gallery of images with every mask and the ROI overlaid."""
+    from medfocus.stages.common import load_prepared
+    from medfocus.stages.gallery import write_gallery
+    from medfocus.stages.segment import current_mask_store
+
+    def action() -> None:
+        params = _load(params_file, {})
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        prepared = load_prepared(spec, params, paths)
+        store = current_mask_store(spec, params, paths)
+        segmenter = store.attrs["spec"]["segmenter"]
+        title = f"{dataset}: {segmenter.get('backend')} masks, ROI policy {segmenter.get('policy')}"
+        path = write_gallery(prepared, store, output or paths.gallery, count, title)
+        typer.echo(str(path))
+
+    _run(action)
+
+
+@app.command()
+def features(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    model: Optional[str] = typer.Option(None, "--model", help="open_clip model (ViT-B-32, ViT-B-16, hf-hub:...) or litemedsam."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, hf-hub: name, local file, auto or none."),
+    mode: Optional[list[str]] = typer.Option(None, "--mode", help="ROI steering mode(s): none, overlay, blur, crop, attention (repeatable)."),
+    scheduler: Optional[str] = SchedulerOption,
+    workers: Optional[int] = WorkersOption,
+    store_root: Optional[str] = StoreRootOption,
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Encode every image once per ROI steering mode into Zarr feature stores (new images only on a rerun)."""
+    from medfocus.stages.features import features as run_features
+
+    def action() -> dict:
+        params = _load(params_file, {
+            "features.model": model, "features.pretrained": pretrained, "features.modes": mode or None,
+            "features.scheduler": scheduler, "features.workers": workers, "features.store_root": store_root,
+        })
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        summary = run_features(spec, params, paths, progress=not quiet)
+        overview = _stage_overview(summary, ("weights_source",))
+        overview["stores"] = {m: v["store"] for m, v in summary["modes"].items()}
+        _print_json(overview | {"summary": str(paths.features_summary)})
+        return summary
+
+    _exit_if_everything_failed(_run(action))

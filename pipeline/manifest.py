@@ -1,0 +1,260 @@
+"""Dataset manifests: which images a dataset has, their content hashes, labels, splits and training subsets.
+
+Layouts understood:
+- ``root/<class>/...`` (no split: a stratified, seeded test split is made),
+- ``root/train/<class>/...`` with or without ``root/test/<class>/...``,
+- a CSV file ``path,label[,split]`` (paths relative to the CSV's folder).
+
+Every file is decoded once; what does not decode is listed and skipped. Byte-identical files are collapsed; one that
+sits in both train and test stays in test only and is reported as leakage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .datasets import ClassSpec, DatasetSpec, generic_prompts, normalise_class_name
+from .images import ImageDecodeError, file_sha256, is_dicom, load_image
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+MANIFEST_COLUMNS = ("hash", "path", "label", "split", "width", "height", "mode")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as it is; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: Path
+    folder: str  # the class as the folder or CSV names it
+    split: str | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    hash: str
+    path: str
+    label: str
+    split: str
+    width: int
+    height: int
+    mode: str
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _class_folders(parent: Path, ignore: tuple[str, ...]) -> list[Path]:
+    ignored = {normalise_class_name(name) for name in ignore}
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".") and normalise_class_name(p.name) not in ignored)
+
+
+def _discover_csv(csv_path: Path) -> tuple[list[FoundFile], dict[str, int]]:
+    found: list[FoundFile] = []
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = set(reader.fieldnames or ())
+        if not {"path", "label"} <= fields:
+            raise DatasetError(f"{csv_path}: the CSV needs a header with columns path,label[,split]; found {sorted(fields)}")
+        for line, row in enumerate(reader, start=2):
+            split = (row.get("split") or "").strip().lower() or None
+            if split is not None and split not in SPLITS:
+                raise DatasetError(f"{csv_path}:{line}: split {split!r} must be one of {SPLITS} or empty")
+            label = (row.get("label") or "").strip()
+            if not label:
+                raise DatasetError(f"{csv_path}:{line}: empty label")
+            found.append(FoundFile((csv_path.parent / row["path"].strip()), label, split))
+    per_class: dict[str, int] = defaultdict(int)
+    for item in found:
+        per_class[item.folder] += 1
+    return found, dict(per_class)
+
+
+def discover(spec: DatasetSpec) -> tuple[str, list[FoundFile], dict[str, int]]:
+    """Find the files of a dataset: (layout, files, files per class folder, including empty folders)."""
+    root = spec.root
+    if root.is_file() and root.suffix.lower() == ".csv":
+        found, per_class = _discover_csv(root)
+        return "csv", found, per_class
+    if not root.is_dir():
+        raise DatasetError(f"dataset {spec.name!r}: root {root} does not exist (pass --root PATH, or put the data there)")
+    train_dir, test_dir = root / "train", root / "test"
+    if train_dir.is_dir():
+        layout, parents = "train-test", [("train", train_dir)] + ([("test", test_dir)] if test_dir.is_dir() else [])
+    else:
+        layout, parents = "class-folders", [(None, root)]
+    found: list[FoundFile] = []
+    per_class: dict[str, int] = defaultdict(int)
+    for split, parent in parents:
+        for folder in _class_folders(parent, spec.ignore_folders):
+            files = _files_under(folder)
+            per_class[folder.name] += len(files)
+            found.extend(FoundFile(path, folder.name, split) for path in files)
+    if not per_class:
+        raise DatasetError(f"dataset {spec.name!r}: no class folders under {root}")
+    return layout, found, dict(per_class)
+
+
+def match_classes(spec: DatasetSpec, folders: list[str]) -> tuple[DatasetSpec, dict[str, str]]:
+    """Map folder names to class names. Registered datasets must find their classes; ad-hoc ones take the folders."""
+    if not spec.classes:
+        names: dict[str, str] = {}
+        for folder in sorted(folders):
+            names.setdefault(normalise_class_name(folder), folder)
+        classes = tuple(ClassSpec(name, generic_prompts(name, spec.modality), (folder,)) for name, folder in names.items())
+        spec = spec.with_classes(classes)
+    mapping: dict[str, str] = {}
+    for folder in folders:
+        matches = [c.name for c in spec.classes if c.matches(folder)]
+        if not matches:
+            raise DatasetError(
+                f"dataset {spec.name!r}: folder {folder!r} matches none of its classes {spec.class_names}; "
+                "rename it, remove it, or declare the dataset under custom_datasets in params.yaml"
+            )
+        mapping[folder] = matches[0]
+    return spec, mapping
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def _source_mode(path: Path) -> str:
+    if is_dicom(path):
+        return "DICOM"
+    with Image.open(path) as image:
+        return image.mode
+
+
+def inspect_files(found: list[FoundFile], progress: bool = False) -> tuple[list[tuple[FoundFile, str, int, int, str]], list[dict]]:
+    """Decode every file; return (readable files with hash/size/mode, unreadable ones with the reason)."""
+    from tqdm import tqdm
+
+    readable, corrupt = [], []
+    for item in tqdm(found, desc="decode", unit="img", disable=not progress):
+        try:
+            image = load_image(item.path)
+            readable.append((item, file_sha256(item.path), image.shape[1], image.shape[0], _source_mode(item.path)))
+        except (ImageDecodeError, OSError) as error:
+            corrupt.append({"path": str(item.path), "reason": str(error)})
+    return readable, corrupt
+
+
+# ---------------------------------------------------------------------------------------------------- dedup, leakage
+def collapse_duplicates(readable, mapping: dict[str, str]) -> tuple[list[tuple], dict]:
+    """One record per content hash. Conflicting labels drop the image; train copies of a test image are leakage."""
+    groups: dict[str, list] = defaultdict(list)
+    for record in readable:
+        groups[record[1]].append(record)
+    kept, duplicate_groups, leaked, conflicts = [], [], [], []
+    for digest, records in groups.items():
+        labels = {mapping[r[0].folder] for r in records}
+        paths = [str(r[0].path) for r in records]
+        if len(labels) > 1:
+            conflicts.append({"hash": digest, "labels": sorted(labels), "paths": paths})
+            continue
+        splits = {r[0].split for r in records}
+        if "test" in splits and "train" in splits:
+            leaked.append({"hash": digest, "kept_in": "test", "removed_from_train": [str(r[0].path) for r in records if r[0].split == "train"]})
+            records = [r for r in records if r[0].split == "test"]
+        if len(paths) > 1:
+            duplicate_groups.append({"hash": digest, "paths": paths})
+        kept.append(records[0])
+    report = {
+        "duplicate_groups": len(duplicate_groups),
+        "duplicate_files_removed": sum(len(g["paths"]) - 1 for g in duplicate_groups),
+        "duplicates": duplicate_groups,
+        "leaked_train_test": len(leaked),
+        "leaks": leaked,
+        "conflicting_labels": conflicts,
+    }
+    return kept, report
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+def stratified_test_split(labels_by_hash: dict[str, str], fraction: float, seed: int) -> tuple[dict[str, str], list[str]]:
+    """Assign each hash to train or test, per class, seeded. Classes with < 2 images stay in train (with a warning)."""
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"test fraction must be in (0, 1), got {fraction}")
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for digest, label in labels_by_hash.items():
+        by_class[label].append(digest)
+    split, warnings = {}, []
+    for class_index, label in enumerate(sorted(by_class)):
+        hashes = sorted(by_class[label])
+        order = np.random.default_rng([seed, class_index]).permutation(len(hashes))
+        if len(hashes) < 2:
+            warnings.append(f"class {label!r} has {len(hashes)} image(s): it cannot be split, so it has no test image")
+            n_test = 0
+        else:
+            n_test = min(max(1, round(fraction * len(hashes))), len(hashes) - 1)
+        for rank, position in enumerate(order):
+            split[hashes[position]] = "test" if rank < n_test else "train"
+    return split, warnings
+
+
+def subset_size(n_class: int, fraction: float | None = None, shots: int | None = None) -> int:
+    if shots is not None:
+        return min(shots, n_class)
+    assert fraction is not None
+    return min(n_class, max(1, round(fraction * n_class)))
+
+
+def training_subsets(train: list[Entry], fractions: list[float], shots: list[int], seeds: list[int]) -> dict:
+    """Nested, stratified training subsets: for one seed each class is shuffled once and every subset is a prefix."""
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for entry in sorted(train, key=lambda e: e.hash):
+        by_class[entry.label].append(entry.hash)
+    subsets: dict = {"fraction": {}, "shots": {}}
+    for seed in seeds:
+        orders = {label: [hashes[i] for i in np.random.default_rng([seed, ci, 7]).permutation(len(hashes))]
+                  for ci, (label, hashes) in enumerate(sorted(by_class.items()))}
+        for fraction in fractions:
+            chosen = [h for label, order in orders.items() for h in order[: subset_size(len(order), fraction=fraction)]]
+            subsets["fraction"].setdefault(f"{fraction:g}", {})[str(seed)] = sorted(chosen)
+        for k in shots:
+            chosen = [h for label, order in orders.items() for h in order[: subset_size(len(order), shots=k)]]
+            subsets["shots"].setdefault(str(k), {})[str(seed)] = sorted(chosen)
+    return subsets
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_manifest(path: Path, entries: list[Entry]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for entry in entries:
+        writer.writerow(asdict(entry))
+    write_atomic(path, buffer.getvalue())
+
+
+def read_manifest(path: Path) -> list[Entry]:
+    if not path.exists():
+        raise DatasetError(f"no manifest at {path}: run `medfocus prepare` for this dataset first")
+    with path.open(newline="") as handle:
+        return [Entry(r["hash"], r["path"], r["label"], r["split"], int(r["width"]), int(r["height"]), r["mode"]) for r in csv.DictReader(handle)]

@@ -1,0 +1,70 @@
+"""params.yaml is validated: unknown keys and bad values are refused with the key and the value named."""
+
+from __future__ import annotations
+
+import pytest
+
+from medfocus.pipeline.config import ConfigError, load_params, parse_params
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = load_params()
+    assert list(params.datasets) == ["demo"] and params.datasets["demo"].root == "data/demo"
+    assert params.prepare.test_fraction == 0.2
+    assert params.segment.backend == "litemedsam"
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("segment:\n  backnd: sam2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    assert "segment.backnd" in str(caught.value) and "sam2" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "value"),
+    [
+        ("prepare:\n  test_fraction: 1.5\n", "prepare.test_fraction", "1.5"),
+        ("segment:\n  backend: sam3\n", "segment.backend", "sam3"),
+        ("features:\n  modes: [none, halo]\n", "features.modes", "halo"),
+        ("segment:\n  scheduler: carrier-pigeon\n", "segment.scheduler", "carrier-pigeon"),
+        ("prepare:\n  fractions: [0.05, 2]\n", "prepare.fractions", "2"),
+        ("segment:\n  chunk_size: zero\n", "segment.chunk_size", "zero"),
+    ],
+)
+def test_bad_values_name_key_and_value(tmp_path, yaml_text, key, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    assert key in str(caught.value) and value in str(caught.value)
+
+
+def test_overrides_win_and_are_validated():
+    params = parse_params({"segment": {"backend": "sam2"}}, overrides={"segment.backend": "litemedsam", "prepare.seed": None})
+    assert params.segment.backend == "litemedsam"
+    with pytest.raises(ConfigError, match="prepare.test_fraction"):
+        parse_params({}, overrides={"prepare.test_fraction": 0.0})
+
+
+def test_custom_dataset_definition(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "custom_datasets:\n  knee:\n    root: data/knee\n    modality: knee X-ray\n"
+        "    classes:\n      - {name: healthy}\n      - {name: arthritis, prompts: ['a knee X-ray with osteoarthritis']}\n"
+    )
+    from medfocus.pipeline.datasets import resolve_dataset
+
+    spec = resolve_dataset("knee", params=load_params(path))
+    assert spec.class_names == ["healthy", "arthritis"]
+    assert spec.classes[1].prompts == ("a knee X-ray with osteoarthritis",)
+    assert any("knee X-ray" in prompt for prompt in spec.classes[0].prompts)
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(path)
