@@ -165,8 +165,8 @@ def show_masks(
         spec, paths = _dataset(dataset, root, params, cache_dir)
         prepared = load_prepared(spec, params, paths)
         store = current_mask_store(spec, params, paths)
-        segmenter = store.attrs["spec"]["segmenter"]
-        title = f"{dataset}: {segmenter.get('backend')} masks, ROI policy {segmenter.get('policy')}"
+        options = store.attrs["provenance"]["options"]
+        title = f"{dataset}: {options['backend']} masks, ROI policy {options['policy']}"
         path = write_gallery(prepared, store, output or paths.gallery, count, title)
         typer.echo(str(path))
 
@@ -203,3 +203,114 @@ def features(
         return summary
 
     _exit_if_everything_failed(_run(action))
+
+
+@app.command()
+def train(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    method: Optional[str] = typer.Option(None, "--method", help="medfocus, clip_fewshot, linear_probe, tip_adapter, tip_adapter_f, zero_shot."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Feature store (ROI steering mode) to train on."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Training fraction (one of prepare.fractions)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Images per class instead of a fraction (one of prepare.shots)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Subset and training seed."),
+    lambda_: Optional[float] = typer.Option(None, "--lambda", help="Loss mix λ·L_c + (1−λ)·L_e."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+) -> None:
+    """Fit one head on the cached features of a training subset and save it under cache/<dataset>/models/."""
+    from medfocus.stages.train import train as run_train
+
+    def action() -> None:
+        params = _load(params_file, {"train.method": method, "train.mode": mode, "train.fraction": fraction,
+                                     "train.shots": shots, "train.seed": seed, "train.lambda": lambda_})
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        _print_json(run_train(spec, params, paths))
+
+    _run(action)
+
+
+@app.command()
+def evaluate(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    shots: bool = typer.Option(False, "--shots", help="Also run the k-shot subsets (prepare.shots)."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Run the protocol (methods × modes × fractions × seeds) and write metrics.json, runs.csv and plots."""
+    from medfocus.stages.evaluate import evaluate as run_evaluate
+
+    def action() -> None:
+        params = _load(params_file, {})
+        if shots and not params.evaluate.shots:
+            params.evaluate.shots = list(params.prepare.shots)
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        metrics = run_evaluate(spec, params, paths, progress=not quiet)
+        headline = [r for r in metrics["results"] if r["fraction"] == min(params.evaluate.fractions or [1.0])]
+        _print_json({"weights_source": metrics["weights_source"], "random_init": metrics["random_init"],
+                     "lowest_fraction": headline, "metrics": str(paths.metrics)})
+
+    _run(action)
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files (any format prepare reads, DICOM included)."),
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    model: Optional[Path] = typer.Option(None, "--model", help="A saved head (default: the one params.yaml's train section names)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="The ROI steering mode the head was trained on."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+) -> None:
+    """Classify new images: segment + encode each with the dataset's settings, then the trained head; writes overlay PNGs."""
+    from medfocus.stages.predict import predict as run_predict
+
+    def action() -> None:
+        params = _load(params_file, {"train.mode": mode})
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        for result in run_predict(spec, params, paths, images, model):
+            _print_json(result)
+
+    _run(action)
+
+
+@app.command("roi-eval")
+def roi_eval(
+    dataset: str = DatasetOption,
+    masks: Path = typer.Option(..., "--masks", help="Folder of ground-truth masks: same relative paths as the images, plus --suffix."),
+    root: Optional[Path] = RootOption,
+    suffix: str = typer.Option("_mask.png", "--suffix", help="Appended to an image's stem to name its mask."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="ROI policy to measure (default: the segment settings')."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="litemedsam or sam2."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images per class (quick looks)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report (default cache/<dataset>/roi_eval.json)."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Dice and IoU of the automatic ROI against ground-truth masks, per class and overall, with seconds per image."""
+    from medfocus.pipeline.manifest import write_json
+    from medfocus.pipeline.segmenters import create_segmenter, evaluate_roi
+    from medfocus.stages.common import load_prepared
+    from medfocus.stages.segment import segmenter_options
+
+    def action() -> None:
+        params = _load(params_file, {"segment.policy": policy, "segment.backend": backend})
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        prepared = load_prepared(spec, params, paths, progress=not quiet)
+        taken: dict[str, int] = {}
+        items = []
+        for entry in prepared.entries:
+            if limit is None or taken.get(entry.label, 0) < limit:
+                taken[entry.label] = taken.get(entry.label, 0) + 1
+                items.append((prepared.image_path(entry), entry.label))
+        segmenter = create_segmenter(**segmenter_options(params.segment, spec.name))
+        report = evaluate_roi(segmenter, items, masks, suffix, images_root=prepared.root.resolve(), progress=not quiet)
+        path = output or paths.dir / "roi_eval.json"
+        write_json(path, report)
+        _print_json({k: report[k] for k in ("per_class", "lesion", "empty_gt", "overall")} | {"report": str(path)})
+
+    _run(action)

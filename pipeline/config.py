@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medfocus.trainer.config import TrainConfig
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -101,11 +103,11 @@ class FeaturesParams(ParallelParams):
     pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'.")
     allow_random_init: bool = Field(default=True, description="With pretrained=auto: fall back to random init offline (every output then says random-init).")
     modes: list[Literal["none", "overlay", "blur", "crop", "attention"]] = Field(default=["none", "attention"], description="ROI steering modes to compute, each its own store.")
-    overlay_alpha: float = Field(default=0.35, gt=0.0, lt=1.0)
-    blur_sigma: float = Field(default=8.0, gt=0.0)
-    crop_margin: float = Field(default=0.15, ge=0.0, le=2.0)
-    attention_strength: float = Field(default=2.0, ge=0.0)
-    attention_layers: str = Field(default="all", description="'all' or comma-separated block indices, e.g. '6,7,8,9,10,11'.")
+    overlay_alpha: float = Field(default=0.4, gt=0.0, le=1.0, description="overlay: opacity of the painted masks.")
+    blur_sigma: float = Field(default=0.03, gt=0.0, le=1.0, description="blur: Gaussian sigma outside the ROI, as a fraction of the image's shorter side.")
+    crop_margin: float = Field(default=0.1, ge=0.0, le=2.0, description="crop: margin around the ROI box, as a fraction of the box's longer side.")
+    attention_strength: float = Field(default=2.0, ge=0.0, description="attention: logit bias of a patch fully outside the ROI is -strength.")
+    attention_layers: str = Field(default="all", description="attention: 'all' or comma-separated block indices, e.g. '6,7,8,9,10,11' (negative count from the end).")
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(default=16, ge=1)
     chunk_size: int = Field(default=32, ge=1)
@@ -119,19 +121,17 @@ class FeaturesParams(ParallelParams):
         return list(dict.fromkeys(values))
 
 
-class TrainParams(Section):
-    method: str = "medfocus"
-    mode: str = Field(default="attention", description="Which feature store (ROI steering mode) the head trains on.")
-    fraction: float | None = Field(default=0.05, gt=0.0, le=1.0)
-    shots: int | None = Field(default=None, ge=1)
-    seed: int = Field(default=0, ge=0)
-    settings: dict[str, Any] = Field(default_factory=dict, description="Trainer hyperparameters (lambda, epochs, lr, ...), see medfocus.trainer.TrainConfig.")
+class TrainParams(TrainConfig):
+    """The trainer's hyperparameters (``lambda``, epochs, lr, ...: see medfocus.trainer.TrainConfig) plus what to train."""
 
-    @model_validator(mode="after")
-    def _fraction_or_shots(self) -> "TrainParams":
-        if self.shots is not None and self.fraction is not None:
-            object.__setattr__(self, "fraction", None)
-        return self
+    method: str = Field(default="medfocus", description="One of the trainer's methods (medfocus, clip_fewshot, linear_probe, ...).")
+    mode: Literal["none", "overlay", "blur", "crop", "attention"] = Field(default="attention", description="Which feature store (ROI steering mode) to train on.")
+    fraction: float = Field(default=0.05, gt=0.0, le=1.0, description="Training fraction (one of prepare.fractions), unless shots is set.")
+    shots: int | None = Field(default=None, ge=1, description="Train on k images per class (one of prepare.shots) instead of a fraction.")
+    seed: int = Field(default=0, ge=0, description="Subset seed (one of prepare.subset_seeds) and training seed.")
+
+    def trainer_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(by_alias=True, include=set(TrainConfig.model_fields)))
 
 
 class EvaluateParams(Section):

@@ -1,0 +1,82 @@
+"""Pictures of what the segmenter found: every mask painted over the image, the ROI outlined (the paper's Figure 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medfocus.pipeline.encoders.steering import overlay_masks
+from medfocus.pipeline.images import load_image
+from medfocus.pipeline.store import ImageStore
+
+from .common import PreparedDataset
+
+ROI_OUTLINE = np.array([255, 230, 0], dtype=np.uint8)
+
+
+def roi_outline(roi: np.ndarray) -> np.ndarray:
+    """Pixels of the ROI that touch a pixel outside it."""
+    padded = np.pad(roi, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return roi & ~interior
+
+
+def render_masks(image: np.ndarray, labels: np.ndarray, roi: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image at the store resolution with all masks translucent and the ROI outlined (thickened for visibility)."""
+    size = labels.shape[::-1]
+    frame = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    painted = overlay_masks(frame, labels, alpha)
+    outline = roi_outline(roi)
+    outline = outline | np.roll(outline, 1, axis=0) | np.roll(outline, 1, axis=1)
+    painted[outline] = ROI_OUTLINE
+    return painted
+
+
+def pick_examples(prepared: PreparedDataset, done: set[str], count: int) -> list:
+    """Up to ``count`` segmented images, taken round-robin over the classes so every class shows."""
+    by_class: dict[str, list] = {}
+    for entry in prepared.entries:
+        if entry.hash in done:
+            by_class.setdefault(entry.label, []).append(entry)
+    picked, round_index = [], 0
+    while len(picked) < count and any(round_index < len(v) for v in by_class.values()):
+        for label in sorted(by_class):
+            if round_index < len(by_class[label]) and len(picked) < count:
+                picked.append(by_class[label][round_index])
+        round_index += 1
+    return picked
+
+
+def write_gallery(prepared: PreparedDataset, store: ImageStore, output: Path, count: int = 8, title: str = "") -> Path:
+    """A grid of (image, masks + ROI) pairs, one row per image, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    examples = pick_examples(prepared, store.done([e.hash for e in prepared.entries]), count)
+    if not examples:
+        raise FileNotFoundError(f"no segmented images in {store.url}: run the segment stage first")
+    columns = 2
+    rows = len(examples)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows), squeeze=False)
+    for row, entry in enumerate(examples):
+        arrays, attrs = store.read_image(entry.hash, ("labels", "roi"))
+        image = load_image(prepared.image_path(entry))
+        size = arrays["labels"].shape[::-1]
+        axes[row, 0].imshow(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
+        axes[row, 0].set_title(f"{entry.label}", fontsize=8)
+        axes[row, 1].imshow(render_masks(image, arrays["labels"], arrays["roi"]))
+        roi_index = attrs.get("roi_index")
+        axes[row, 1].set_title(f"{len(attrs.get('masks', []))} masks, ROI {'#' + str(roi_index + 1) if roi_index is not None else 'none'}", fontsize=8)
+        for axis in axes[row]:
+            axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
