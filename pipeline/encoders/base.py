@@ -1,0 +1,111 @@
+"""What every image encoder offers the feature stage, and the pieces the implementations share."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+RANDOM_INIT = "random-init"
+# Random-init weights come from this seed, so two runs of a random-init encoder agree (and may share a cache key).
+RANDOM_INIT_SEED = 0
+
+
+_seeded_construction_lock = threading.Lock()
+
+
+@contextmanager
+def seeded_construction():
+    """Build modules from the fixed random-init seed without touching the caller's RNG state.
+
+    The lock matters: torch's CPU generator is shared by all threads, so two encoders built at once in worker threads
+    would interleave their draws and get different random weights.
+    """
+    with _seeded_construction_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The requested pretrained weights cannot be had here (no network, no cache, no file)."""
+
+
+class UnsupportedEncoderFeature(RuntimeError):
+    """The encoder's architecture can't do what was asked (attention steering, text prompts, patch tokens)."""
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """A frozen image encoder that gives a global embedding and patch tokens in one space.
+
+    Attributes: ``weights_source`` ("pretrained:<spec>" or "random-init"), ``image_size`` (square input side),
+    ``grid`` (patch grid (gh, gw), L = gh * gw), ``embed_dim`` (D of both outputs), ``has_text``.
+    """
+
+    weights_source: str
+    image_size: int
+    grid: tuple[int, int]
+    embed_dim: int
+    has_text: bool
+
+    def describe(self) -> dict:
+        """JSON-able identity of the encoder: family, model, pretrained spec, weights source and sha256, sizes."""
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (3, S, S) float32, letterboxed and normalised the model's way."""
+
+    def encode_images(
+        self, batch: torch.Tensor, patch_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> global (B, D) and patch tokens (B, L, D), unnormalised.
+
+        ``patch_bias`` (B, L) is added to the attention logits of the patch keys inside the transformer.
+        """
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings; raises :class:`UnsupportedEncoderFeature` without a text tower."""
+
+
+def letterbox(image: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
+    """Resize ``image`` so that its longer side is ``size`` and centre it on a black ``size`` x ``size`` square.
+
+    Unlike CLIP's resize-and-centre-crop this keeps every pixel (lesions near an edge stay in view) and the
+    aspect ratio; black is the background of the modalities we handle.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    if (new_height, new_width) != (height, width):
+        image = np.array(Image.fromarray(image).resize((new_width, new_height), resample=resample))
+    if new_height == new_width == size:
+        return image
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    canvas[top:top + new_height, left:left + new_width] = image
+    return canvas
+
+
+def to_normalised_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(S, S, 3) uint8 -> (3, S, S) float32 ``(x / 255 - mean) / std``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
