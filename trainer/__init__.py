@@ -1,1 +1,44 @@
-"""medfocus.trainer."""
+"""medfocus.trainer: few-shot heads and baselines on cached features, their metrics and plots.
+
+The trainer works on in-memory tensors (:class:`FeatureSet`, :class:`ClassText`) and never runs SAM2 or CLIP.
+"""
+
+from .config import TrainConfig
+from .data import ClassText, FeatureMismatchError, FeatureSet, validation_split
+from .losses import contrastive_loss, medfocus_loss
+from .methods import (
+    METHODS,
+    TEXT_FREE_METHODS,
+    FittedModel,
+    MethodUnavailableError,
+    ModelMismatchError,
+    fit,
+    fusion_attention,
+)
+from .metrics import aggregate, compute_metrics, write_runs_csv
+from .plots import plot_accuracy_vs_fraction, plot_attention_overlay, plot_confusion_matrix
+from .synthetic import synthetic_task
+
+__all__ = [
+    "METHODS",
+    "TEXT_FREE_METHODS",
+    "ClassText",
+    "FeatureMismatchError",
+    "FeatureSet",
+    "FittedModel",
+    "MethodUnavailableError",
+    "ModelMismatchError",
+    "TrainConfig",
+    "aggregate",
+    "compute_metrics",
+    "contrastive_loss",
+    "fit",
+    "fusion_attention",
+    "medfocus_loss",
+    "plot_accuracy_vs_fraction",
+    "plot_attention_overlay",
+    "plot_confusion_matrix",
+    "synthetic_task",
+    "validation_split",
+    "write_runs_csv",
+]

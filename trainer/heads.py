@@ -1,0 +1,217 @@
+"""Classification heads over cached features. Each maps :class:`HeadInputs` to class logits (N, C).
+
+All heads are rebuilt from ``(architecture kwargs, state_dict)``, which is what a saved model holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import FeatureSet
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on a learned logit scale
+
+
+@dataclass
+class HeadInputs:
+    """Features in the form the heads use: L2-normalised embeddings, prepared once per fit, not per epoch."""
+
+    image: Tensor  # (N, D) normalised global embeddings
+    patches: Tensor | None  # (N, L, D) normalised patch tokens; None for heads that ignore them
+    roi: Tensor | None  # (N, L)
+
+    @classmethod
+    def from_features(cls, features: FeatureSet, with_patches: bool) -> "HeadInputs":
+        image = F.normalize(features.global_emb, dim=-1)
+        if not with_patches:
+            return cls(image=image, patches=None, roi=None)
+        return cls(image=image, patches=F.normalize(features.patch_tokens, dim=-1), roi=features.roi_weights)
+
+    def take(self, index: Tensor) -> "HeadInputs":
+        return HeadInputs(
+            image=self.image[index],
+            patches=None if self.patches is None else self.patches[index],
+            roi=None if self.roi is None else self.roi[index],
+        )
+
+
+def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=generator) * std
+
+
+class CosineClassifierHead(nn.Module):
+    """Scaled cosine between the global image embedding and one embedding per class.
+
+    Fixed (buffers) it is zero-shot CLIP; with ``trainable=True`` it is the few-shot CLIP line (class embeddings
+    initialised from the prompts, then trained on the few shots).
+    """
+
+    uses_patches = False
+
+    def __init__(self, embed_dim: int, num_classes: int, logit_scale: float, trainable: bool, learn_logit_scale: bool = False):
+        super().__init__()
+        self.architecture = {
+            "embed_dim": embed_dim, "num_classes": num_classes, "logit_scale": logit_scale,
+            "trainable": trainable, "learn_logit_scale": learn_logit_scale,
+        }
+        self.class_embeddings = nn.Parameter(torch.zeros(num_classes, embed_dim), requires_grad=trainable)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=trainable and learn_logit_scale)
+
+    def logit_scale(self) -> Tensor:
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        return self.logit_scale() * inputs.image @ F.normalize(self.class_embeddings, dim=-1).T
+
+
+class LinearProbeHead(nn.Module):
+    """Multinomial logistic regression on normalised global embeddings."""
+
+    uses_patches = False
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.architecture = {"embed_dim": embed_dim, "num_classes": num_classes}
+        self.weight = nn.Parameter(torch.zeros(num_classes, embed_dim))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        return inputs.image @ self.weight.T + self.bias
+
+
+class TipAdapterHead(nn.Module):
+    """Tip-Adapter (Zhang et al. 2022): zero-shot logits + α · exp(−β(1 − f·keysᵀ)) · one-hot cache values.
+
+    ``keys`` are the cached training embeddings; Tip-Adapter-F fine-tunes them (``trainable_keys``).
+    """
+
+    uses_patches = False
+
+    def __init__(self, embed_dim: int, num_classes: int, cache_size: int, logit_scale: float, trainable_keys: bool):
+        super().__init__()
+        self.architecture = {
+            "embed_dim": embed_dim, "num_classes": num_classes, "cache_size": cache_size,
+            "logit_scale": logit_scale, "trainable_keys": trainable_keys,
+        }
+        self.register_buffer("class_embeddings", torch.zeros(num_classes, embed_dim))
+        self.register_buffer("cache_values", torch.zeros(cache_size, num_classes))
+        self.register_buffer("alpha", torch.tensor(1.0))
+        self.register_buffer("beta", torch.tensor(1.0))
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.keys = nn.Parameter(torch.zeros(cache_size, embed_dim), requires_grad=trainable_keys)
+
+    def zero_shot_logits(self, inputs: HeadInputs) -> Tensor:
+        return self.logit_scale * inputs.image @ self.class_embeddings.T
+
+    def affinity(self, inputs: HeadInputs) -> Tensor:
+        return inputs.image @ self.keys.T
+
+    @staticmethod
+    def combine(zero_shot: Tensor, affinity: Tensor, cache_values: Tensor, alpha, beta) -> Tensor:
+        return zero_shot + alpha * torch.exp(-beta * (1.0 - affinity)) @ cache_values
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        return self.combine(self.zero_shot_logits(inputs), self.affinity(inputs), self.cache_values, self.alpha, self.beta)
+
+
+class FusionHead(nn.Module):
+    """MedFocusCLIP fusion head.
+
+    The class queries (initialised from the class text) attend over the ROI-aware patch tokens with multi-head
+    cross-attention whose scores carry an additive ROI bias b_h · roi[l]; the attended values of every (class, head) go
+    through an output projection and are added to the global embedding (residual, output projection initialised at
+    zero so training starts from zero-shot CLIP). The logits are the scaled cosine between this fused image embedding and
+    learnable class embeddings (initialised from the text).
+
+    Cost: the patch tokens are fixed, so the query is folded into key space, u_{c,h} = W_kᵀ W_q q_c ∈ R^D, and values are
+    projected after pooling; attention then costs O(N·L·D·C·H) instead of projecting all N·L tokens every step.
+    """
+
+    uses_patches = True
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        heads: int,
+        head_dim: int,
+        roi_bias_strength: float,
+        learn_roi_bias: bool,
+        logit_scale: float,
+        learn_logit_scale: bool,
+        num_patches: int,
+    ):
+        super().__init__()
+        self.architecture = {
+            "embed_dim": embed_dim, "num_classes": num_classes, "heads": heads, "head_dim": head_dim,
+            "roi_bias_strength": roi_bias_strength, "learn_roi_bias": learn_roi_bias,
+            "logit_scale": logit_scale, "learn_logit_scale": learn_logit_scale, "num_patches": num_patches,
+        }
+        self.num_patches = num_patches
+        self.class_embeddings = nn.Parameter(torch.zeros(num_classes, embed_dim))
+        self.class_queries = nn.Parameter(torch.zeros(num_classes, embed_dim))
+        self.query_proj = nn.Parameter(torch.zeros(heads, head_dim, embed_dim))
+        self.key_proj = nn.Parameter(torch.zeros(heads, head_dim, embed_dim))
+        self.value_proj = nn.Parameter(torch.zeros(heads, head_dim, embed_dim))
+        self.out_proj = nn.Parameter(torch.zeros(embed_dim, num_classes * heads * head_dim))
+        self.roi_bias = nn.Parameter(torch.full((heads,), float(roi_bias_strength)), requires_grad=learn_roi_bias)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=learn_logit_scale)
+
+    def initialise(self, class_init: Tensor, generator: torch.Generator) -> None:
+        """Class embeddings and queries from ``class_init`` (C, D); projections random (seeded); output projection zero."""
+        embed_dim = self.class_embeddings.shape[1]
+        with torch.no_grad():
+            self.class_embeddings.copy_(class_init)
+            self.class_queries.copy_(class_init)
+            for weight in (self.query_proj, self.key_proj, self.value_proj):
+                weight.copy_(_normal(tuple(weight.shape), 1.0 / math.sqrt(embed_dim), generator))
+            self.out_proj.zero_()
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        return [self.class_embeddings, self.class_queries, self.roi_bias, self.log_logit_scale]
+
+    def logit_scale(self) -> Tensor:
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def attention(self, inputs: HeadInputs) -> Tensor:
+        """(N, C, H, L) softmax attention of each class query (per head) over the patches."""
+        head_dim = self.query_proj.shape[1]
+        queries = torch.einsum("hed,cd->che", self.query_proj, self.class_queries)
+        folded = torch.einsum("che,hed->chd", queries, self.key_proj) / math.sqrt(head_dim)
+        num_classes, heads, embed_dim = folded.shape
+        samples, length, _ = inputs.patches.shape
+        scores = (inputs.patches.reshape(samples * length, embed_dim) @ folded.reshape(num_classes * heads, embed_dim).T)
+        scores = scores.reshape(samples, length, num_classes, heads).permute(0, 2, 3, 1)
+        scores = scores + self.roi_bias[None, None, :, None] * inputs.roi[:, None, None, :]
+        return scores.softmax(dim=-1)
+
+    def fused_embedding(self, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
+        """(N, D) normalised fused image embedding and the (N, C, H, L) attention that made it."""
+        attention = self.attention(inputs)
+        samples, num_classes, heads, length = attention.shape
+        pooled = torch.bmm(attention.reshape(samples, num_classes * heads, length), inputs.patches)
+        pooled = pooled.reshape(samples, num_classes, heads, -1)
+        values = torch.einsum("nchd,hed->nche", pooled, self.value_proj).reshape(samples, -1)
+        fused = inputs.image + values @ self.out_proj.T
+        return F.normalize(fused, dim=-1), attention
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        fused, _ = self.fused_embedding(inputs)
+        return self.logit_scale() * fused @ F.normalize(self.class_embeddings, dim=-1).T
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "cosine": CosineClassifierHead,
+    "linear": LinearProbeHead,
+    "tip_adapter": TipAdapterHead,
+    "fusion": FusionHead,
+}
+
+
+def build_head(kind: str, architecture: dict) -> nn.Module:
+    return HEADS[kind](**architecture)

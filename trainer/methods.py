@@ -1,0 +1,452 @@
+"""``fit`` for every method of the harness, and the fitted model that predicts, saves and loads.
+
+Methods (all on the same cached features and splits):
+
+* ``zero_shot``     — cosine of the global embedding with each class's mean prompt embedding; no training.
+* ``linear_probe``  — logistic regression (L-BFGS, L2 penalty in scikit-learn's C convention) on normalised global
+                      embeddings; C chosen on a validation part of the training subset, else a fixed default.
+* ``tip_adapter``   — Tip-Adapter (Zhang et al. 2022): zero-shot logits + a training-free cache model; α/β chosen on the
+                      validation part, else the paper's α=1, β=5.5.
+* ``tip_adapter_f`` — Tip-Adapter-F: the cache keys fine-tuned with cross-entropy (no image augmentation here: the cache
+                      holds one feature per image), α/β chosen on the validation part after fine-tuning on the fit part.
+* ``clip_fewshot``  — the paper's "CLIP after few-shot training" line: global embedding only (no patches, no ROI), class
+                      embeddings initialised from the prompts and trained with the same loss, optimiser and epochs as
+                      medfocus. It should be given features of mode ``none``.
+* ``medfocus``      — the fusion head (:class:`~medfocus.trainer.heads.FusionHead`) on ROI-steered features, loss
+                      λ·L_c + (1−λ)·L_e. Its settings are fixed in advance (TrainConfig), not searched.
+
+Without class text (an encoder with no text tower), ``zero_shot`` is refused and every other method starts its class
+embeddings from the training-class prototypes (normalised mean global embedding per class).
+
+Everything random goes through a local ``torch.Generator`` / ``np.random.default_rng`` seeded with ``seed``: the same
+seed on the same CPU with the same thread count gives bit-identical probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible, validation_split
+from .heads import CosineClassifierHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
+from .losses import medfocus_loss
+
+METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus")
+TEXT_FREE_METHODS = tuple(method for method in METHODS if method != "zero_shot")
+FILE_FORMAT = "medfocus-trainer-head/1"
+
+
+class ModelMismatchError(FeatureMismatchError):
+    """A saved model was asked to serve features it was not trained on (other store, model, mode or classes)."""
+
+
+class MethodUnavailableError(ValueError):
+    """The method cannot run with what it was given (e.g. zero_shot without class text)."""
+
+
+class FittedModel:
+    """A trained (or training-free) head with everything needed to predict, save and reload it."""
+
+    def __init__(self, method: str, head: nn.Module, config: TrainConfig, class_names: list[str], fit_info: dict, meta: dict | None = None):
+        self.method = method
+        self.head = head.eval()
+        self.config = config
+        self.class_names = list(class_names)
+        self.fit_info = fit_info
+        self.meta = dict(meta or {})
+
+    @property
+    def head_kind(self) -> str:
+        return _HEAD_KIND[self.method]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head.architecture["embed_dim"]
+
+    def check_features(self, features: FeatureSet) -> None:
+        """Refuse features from another encoder (width) or, for the fusion head, another patch grid."""
+        if features.embed_dim != self.embed_dim:
+            raise FeatureMismatchError(
+                f"this {self.method} model was trained on {self.embed_dim}-d features; these are {features.embed_dim}-d "
+                "(another encoder): use the model trained on this feature store"
+            )
+        expected_patches = self.head.architecture.get("num_patches")
+        if expected_patches is not None and features.num_patches != expected_patches:
+            raise FeatureMismatchError(
+                f"this {self.method} model was trained on {expected_patches} patch tokens per image; these have "
+                f"{features.num_patches} (another encoder or input size)"
+            )
+
+    def inputs(self, features: FeatureSet) -> HeadInputs:
+        self.check_features(features)
+        return HeadInputs.from_features(features, with_patches=self.head.uses_patches)
+
+    @torch.no_grad()
+    def predict_logits(self, features: FeatureSet) -> Tensor:
+        return self.head(self.inputs(features))
+
+    def predict_proba(self, features: FeatureSet) -> Tensor:
+        """(N, C) class probabilities, rows summing to 1."""
+        return self.predict_logits(features).softmax(dim=-1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a saved model holds except the caller's metadata."""
+        return {
+            "format": FILE_FORMAT,
+            "method": self.method,
+            "head_kind": self.head_kind,
+            "architecture": dict(self.head.architecture),
+            "state_dict": {name: value.detach().clone() for name, value in self.head.state_dict().items()},
+            "config": self.config.model_dump(by_alias=True),
+            "class_names": self.class_names,
+            "fit_info": _json_like(self.fit_info),
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self, path: str | Path, extra_meta: dict | None = None) -> Path:
+        """Write the model with its full config; ``extra_meta`` (feature-store key, model, mode, weights source, …)
+        must be JSON-like (paths become strings) so the file loads with ``torch.load(weights_only=True)``."""
+        meta = {**self.meta, **_json_like(extra_meta or {})}
+        payload = {**self.state_dict(), "meta": meta}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path)
+        self.meta = meta
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict | None = None) -> "FittedModel":
+        """Load a saved model; refuse it when any ``expect`` item (a ``meta`` key, or ``method`` / ``class_names``)
+        differs from what was saved, naming every mismatch."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no trained model at {path}: run `medfocus train` for this dataset first")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for foreign or corrupt files
+            raise ModelMismatchError(f"{path} is not a medfocus trainer model file ({type(error).__name__}: {error})") from None
+        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise ModelMismatchError(f"{path} is not a medfocus trainer model file (format {found!r}, expected {FILE_FORMAT!r})")
+        meta = payload.get("meta", {})
+        mismatches = []
+        for key, wanted in (expect or {}).items():
+            if key in meta:
+                saved = meta[key]
+            elif key in ("method", "class_names"):
+                saved = payload[key]
+            else:
+                mismatches.append(f"{key}: not recorded in the saved model, expected {wanted!r}")
+                continue
+            if _json_like(saved) != _json_like(wanted):
+                mismatches.append(f"{key}: saved {saved!r}, expected {wanted!r}")
+        if mismatches:
+            raise ModelMismatchError(
+                f"refusing the model at {path}: it does not match the features it would be used with\n  "
+                + "\n  ".join(mismatches)
+                + "\nRetrain it on this feature store (`medfocus train`) or use the model trained on it."
+            )
+        head = build_head(payload["head_kind"], payload["architecture"])
+        head.load_state_dict(payload["state_dict"])
+        config = TrainConfig.model_validate(payload["config"])
+        return cls(payload["method"], head, config, payload["class_names"], payload["fit_info"], meta)
+
+
+_HEAD_KIND = {
+    "zero_shot": "cosine",
+    "linear_probe": "linear",
+    "tip_adapter": "tip_adapter",
+    "tip_adapter_f": "tip_adapter",
+    "clip_fewshot": "cosine",
+    "medfocus": "fusion",
+}
+
+
+def _json_like(value: Any) -> Any:
+    def encode(item: Any) -> Any:
+        if isinstance(item, Path):
+            return str(item)
+        raise TypeError(f"model metadata must be JSON-like (str, number, bool, None, list, dict); got {type(item).__name__}: {item!r}")
+
+    return json.loads(json.dumps(value, default=encode))
+
+
+def fit(method: str, train: FeatureSet, text: ClassText, config: TrainConfig, seed: int) -> FittedModel:
+    """Fit ``method`` on the training subset ``train`` (hyperparameters chosen inside it, never on test data)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if len(train) == 0:
+        raise ValueError("the training subset is empty")
+    check_compatible(train, text)
+    if method == "zero_shot" and text.embeddings is None:
+        raise MethodUnavailableError(
+            "zero_shot needs class prompt embeddings, and this encoder has no text tower (e.g. LiteMedSAM); "
+            f"methods that work without text start from class prototypes: {', '.join(TEXT_FREE_METHODS)}"
+        )
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    inputs = HeadInputs.from_features(train, with_patches=method == "medfocus")
+    labels = train.labels
+    class_init, init_source = _class_init(text, inputs.image, labels)
+    head, info = _FITTERS[method](inputs, labels, class_init, config, seed, generator)
+    counts = torch.bincount(labels, minlength=text.num_classes).tolist()
+    fit_info = {
+        "method": method,
+        "seed": seed,
+        "n_train": len(train),
+        "class_counts": dict(zip(text.class_names, counts)),
+        "class_init": init_source,
+        "embed_dim": train.embed_dim,
+        "num_patches": train.num_patches,
+        **info,
+        "fit_seconds": time.perf_counter() - started,
+    }
+    return FittedModel(method, head, config, text.class_names, fit_info)
+
+
+def fusion_attention(model: FittedModel, features: FeatureSet) -> Tensor:
+    """(N, C, L) attention of each class query over the patches (mean over heads), for the predict overlays."""
+    if not isinstance(model.head, FusionHead):
+        raise MethodUnavailableError(f"only medfocus models have a fusion attention; this model is {model.method}")
+    with torch.no_grad():
+        return model.head.attention(model.inputs(features)).mean(dim=2)
+
+
+def _class_init(text: ClassText, image: Tensor, labels: Tensor) -> tuple[Tensor, str]:
+    means = text.class_means()
+    if means is not None:
+        return means, "text"
+    counts = torch.bincount(labels, minlength=text.num_classes)
+    missing = [name for name, count in zip(text.class_names, counts.tolist()) if count == 0]
+    if missing:
+        raise MethodUnavailableError(
+            f"classes {missing} have no training images and there is no class text to start them from "
+            "(encoder without a text tower): every class needs at least one training image"
+        )
+    sums = torch.zeros(text.num_classes, image.shape[1]).index_add_(0, labels, image)
+    return F.normalize(sums / counts[:, None], dim=-1), "prototypes"
+
+
+def _selection_score(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Validation accuracy (higher better), then negative log-likelihood (lower better) to break ties."""
+    accuracy = float((logits.argmax(dim=1) == labels).float().mean())
+    return accuracy, float(F.cross_entropy(logits, labels))
+
+
+def _better(candidate: tuple[float, float], best: tuple[float, float] | None) -> bool:
+    return best is None or candidate[0] > best[0] or (candidate[0] == best[0] and candidate[1] < best[1])
+
+
+def _split_info(split) -> dict:
+    if isinstance(split, str):
+        return {"hyperparameter_source": f"fixed defaults ({split})", "n_fit": None, "n_val": None}
+    fit_idx, val_idx = split
+    return {"hyperparameter_source": "validation part of the training subset", "n_fit": len(fit_idx), "n_val": len(val_idx)}
+
+
+# --- zero_shot ----------------------------------------------------------------------------------------------------
+
+
+def _fit_zero_shot(inputs, labels, class_init, config: TrainConfig, seed, generator):
+    head = CosineClassifierHead(class_init.shape[1], class_init.shape[0], config.zero_shot_logit_scale, trainable=False)
+    with torch.no_grad():
+        head.class_embeddings.copy_(class_init)
+    return head, {"hyperparameters": {"logit_scale": config.zero_shot_logit_scale}, "hyperparameter_source": "fixed (CLIP)"}
+
+
+# --- linear_probe -------------------------------------------------------------------------------------------------
+
+
+def _logistic_regression(inputs: HeadInputs, labels: Tensor, num_classes: int, inverse_l2: float, max_iter: int) -> LinearProbeHead:
+    """Minimise mean CE + ||W||² / (2·C·N): scikit-learn's C·ΣCE + ½||W||² divided by C·N (intercept unpenalised)."""
+    head = LinearProbeHead(inputs.image.shape[1], num_classes)
+    optimiser = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe")
+    penalty = 1.0 / (2.0 * inverse_l2 * len(labels))
+
+    def closure():
+        optimiser.zero_grad()
+        loss = F.cross_entropy(head(inputs), labels) + penalty * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return head
+
+
+def _fit_linear_probe(inputs, labels, class_init, config: TrainConfig, seed, generator):
+    num_classes = class_init.shape[0]
+    split = validation_split(labels, config.val_fraction, config.val_min_per_class, seed)
+    if isinstance(split, str):
+        chosen = config.linear_probe_c_default
+        scores = {}
+    else:
+        fit_idx, val_idx = split
+        fit_inputs, val_inputs = inputs.take(fit_idx), inputs.take(val_idx)
+        best, chosen, scores = None, None, {}
+        for inverse_l2 in config.linear_probe_c_grid:
+            head = _logistic_regression(fit_inputs, labels[fit_idx], num_classes, inverse_l2, config.linear_probe_max_iter)
+            with torch.no_grad():
+                score = _selection_score(head(val_inputs), labels[val_idx])
+            scores[str(inverse_l2)] = {"val_accuracy": score[0], "val_nll": score[1]}
+            if _better(score, best):
+                best, chosen = score, inverse_l2
+    head = _logistic_regression(inputs, labels, num_classes, chosen, config.linear_probe_max_iter)
+    return head, {"hyperparameters": {"C": chosen}, **_split_info(split), "validation_scores": scores}
+
+
+# --- tip_adapter / tip_adapter_f ----------------------------------------------------------------------------------
+
+
+def _tip_head(inputs: HeadInputs, labels: Tensor, class_init: Tensor, config: TrainConfig, alpha: float, beta: float, trainable: bool) -> TipAdapterHead:
+    num_classes, embed_dim = class_init.shape
+    head = TipAdapterHead(embed_dim, num_classes, len(labels), config.zero_shot_logit_scale, trainable_keys=trainable)
+    with torch.no_grad():
+        head.class_embeddings.copy_(class_init)
+        head.keys.copy_(inputs.image)
+        head.cache_values.copy_(F.one_hot(labels, num_classes).float())
+        head.alpha.fill_(alpha)
+        head.beta.fill_(beta)
+    return head
+
+
+def _fine_tune_keys(head: TipAdapterHead, inputs: HeadInputs, labels: Tensor, config: TrainConfig, generator: torch.Generator) -> list[float]:
+    optimiser = torch.optim.AdamW([head.keys], lr=config.tip_f_lr, eps=1e-4, weight_decay=0.0, fused=True)
+    return _run_epochs(head, optimiser, inputs, labels, config.tip_f_epochs, config.batch_size, config.lr_schedule, generator,
+                       lambda logits, target: (F.cross_entropy(logits, target), {}))
+
+
+def _search_alpha_beta(head: TipAdapterHead, val_inputs: HeadInputs, val_labels: Tensor, config: TrainConfig):
+    best, chosen, scores = None, None, {}
+    with torch.no_grad():
+        zero_shot = head.zero_shot_logits(val_inputs)
+        affinity = head.affinity(val_inputs)
+        for beta in config.tip_beta_grid:
+            cache_logits = torch.exp(-beta * (1.0 - affinity)) @ head.cache_values
+            for alpha in config.tip_alpha_grid:
+                score = _selection_score(zero_shot + alpha * cache_logits, val_labels)
+                scores[f"alpha={alpha},beta={beta}"] = {"val_accuracy": score[0], "val_nll": score[1]}
+                if _better(score, best):
+                    best, chosen = score, (alpha, beta)
+    return chosen, scores
+
+
+def _fit_tip(inputs, labels, class_init, config: TrainConfig, seed, generator, trainable: bool):
+    split = validation_split(labels, config.val_fraction, config.val_min_per_class, seed)
+    alpha, beta, scores = config.tip_alpha_default, config.tip_beta_default, {}
+    if not isinstance(split, str):
+        fit_idx, val_idx = split
+        probe = _tip_head(inputs.take(fit_idx), labels[fit_idx], class_init, config, alpha, beta, trainable)
+        if trainable:
+            _fine_tune_keys(probe, inputs.take(fit_idx), labels[fit_idx], config, generator)
+        (alpha, beta), scores = _search_alpha_beta(probe, inputs.take(val_idx), labels[val_idx], config)
+    head = _tip_head(inputs, labels, class_init, config, alpha, beta, trainable)
+    info = {"hyperparameters": {"alpha": alpha, "beta": beta}, **_split_info(split), "validation_scores": scores}
+    if trainable:
+        info["loss_history"] = _fine_tune_keys(head, inputs, labels, config, generator)
+    return head, info
+
+
+def _fit_tip_adapter(inputs, labels, class_init, config, seed, generator):
+    return _fit_tip(inputs, labels, class_init, config, seed, generator, trainable=False)
+
+
+def _fit_tip_adapter_f(inputs, labels, class_init, config, seed, generator):
+    return _fit_tip(inputs, labels, class_init, config, seed, generator, trainable=True)
+
+
+# --- clip_fewshot / medfocus --------------------------------------------------------------------------------------
+
+
+def _lr_lambda(schedule: str, total_steps: int):
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _run_epochs(head: nn.Module, optimiser, inputs: HeadInputs, labels: Tensor, epochs: int, batch_size: int, schedule: str,
+                generator: torch.Generator, loss_fn) -> list[float]:
+    """Mini-batch (full batch when the subset fits in one) training; returns the mean loss of each epoch."""
+    samples = len(labels)
+    steps_per_epoch = math.ceil(samples / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(schedule, epochs * steps_per_epoch))
+    head.train()
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(samples, generator=generator) if steps_per_epoch > 1 else None
+        epoch_loss = 0.0
+        for step in range(steps_per_epoch):
+            if order is None:
+                batch_inputs, batch_labels = inputs, labels
+            else:
+                index = order[step * batch_size:(step + 1) * batch_size]
+                batch_inputs, batch_labels = inputs.take(index), labels[index]
+            loss, _ = loss_fn(head(batch_inputs), batch_labels)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            epoch_loss += float(loss.detach()) * len(batch_labels)
+        history.append(epoch_loss / samples)
+    head.eval()
+    return history
+
+
+def _train_with_medfocus_loss(head: nn.Module, inputs: HeadInputs, labels: Tensor, config: TrainConfig, generator: torch.Generator,
+                              no_decay: list[nn.Parameter]) -> dict:
+    no_decay_ids = {id(parameter) for parameter in no_decay}
+    trainable = [parameter for parameter in head.parameters() if parameter.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in no_decay_ids], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if id(p) in no_decay_ids], "weight_decay": 0.0},
+    ]
+    optimiser = torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr, fused=True)
+    history = _run_epochs(head, optimiser, inputs, labels, config.epochs, config.batch_size, config.lr_schedule, generator,
+                          lambda logits, target: medfocus_loss(logits, target, config.lambda_))
+    with torch.no_grad():
+        _, components = medfocus_loss(head(inputs), labels, config.lambda_)
+    return {"loss_history": history, "final_loss_components": components}
+
+
+def _fit_clip_fewshot(inputs, labels, class_init, config: TrainConfig, seed, generator):
+    num_classes, embed_dim = class_init.shape
+    head = CosineClassifierHead(embed_dim, num_classes, 1.0 / config.temperature, trainable=True, learn_logit_scale=config.learn_temperature)
+    with torch.no_grad():
+        head.class_embeddings.copy_(class_init)
+    info = _train_with_medfocus_loss(head, inputs, labels, config, generator, no_decay=list(head.parameters()))
+    hyperparameters = {"lambda": config.lambda_, "epochs": config.epochs, "lr": config.lr}
+    return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
+
+
+def _fit_medfocus(inputs, labels, class_init, config: TrainConfig, seed, generator):
+    num_classes, embed_dim = class_init.shape
+    head = FusionHead(
+        embed_dim, num_classes, heads=config.attention_heads, head_dim=config.head_dim,
+        roi_bias_strength=config.roi_bias_strength, learn_roi_bias=config.learn_roi_bias,
+        logit_scale=1.0 / config.temperature, learn_logit_scale=config.learn_temperature,
+        num_patches=inputs.patches.shape[1],
+    )
+    head.initialise(class_init, generator)
+    info = _train_with_medfocus_loss(head, inputs, labels, config, generator, no_decay=head.no_decay_parameters())
+    hyperparameters = {
+        "lambda": config.lambda_, "epochs": config.epochs, "lr": config.lr,
+        "roi_bias": head.roi_bias.detach().tolist(),
+    }
+    return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
+
+
+_FITTERS = {
+    "zero_shot": _fit_zero_shot,
+    "linear_probe": _fit_linear_probe,
+    "tip_adapter": _fit_tip_adapter,
+    "tip_adapter_f": _fit_tip_adapter_f,
+    "clip_fewshot": _fit_clip_fewshot,
+    "medfocus": _fit_medfocus,
+}
