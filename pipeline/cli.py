@@ -19,8 +19,16 @@ from .store import StoreMismatchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("medfocus")
 
-# Errors a user can fix: shown as one clear line and exit code 2, without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: shown as one clear message and exit code 2, without a traceback."""
+    from medfocus.pipeline.encoders import PretrainedWeightsUnavailable, UnsupportedEncoderFeature
+    from medfocus.pipeline.segmenters import WeightsUnavailableError
+    from medfocus.trainer import FeatureMismatchError, MethodUnavailableError
+
+    return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, PretrainedWeightsUnavailable,
+            UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError)
 
 DatasetOption = typer.Option(..., "--dataset", "-d", help="Registered dataset name, or any name with --root for your own folder.")
 RootOption = typer.Option(None, "--root", help="Dataset folder (folder-per-class, train/ + test/, or a CSV path,label[,split]).")
@@ -41,7 +49,7 @@ def _run(action: Callable[[], Any]) -> Any:
     _setup_logging()
     try:
         return action()
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=2) from None
 
