@@ -69,8 +69,9 @@ def write_gallery(prepared: PreparedDataset, store: ImageStore, output: Path, co
         axes[row, 0].imshow(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
         axes[row, 0].set_title(f"{entry.label}", fontsize=8)
         axes[row, 1].imshow(render_masks(image, arrays["labels"], arrays["roi"]))
-        roi_index = attrs.get("roi_index")
-        axes[row, 1].set_title(f"{len(attrs.get('masks', []))} masks, ROI {'#' + str(roi_index + 1) if roi_index is not None else 'none'}", fontsize=8)
+        roi_index, count = attrs.get("roi_index"), len(attrs.get("masks", []))
+        roi_name = f"#{roi_index + 1}" if roi_index is not None else "none"
+        axes[row, 1].set_title(f"{count} mask{'' if count == 1 else 's'}, ROI {roi_name}", fontsize=8)
         for axis in axes[row]:
             axis.axis("off")
     if title:

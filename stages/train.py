@@ -21,7 +21,8 @@ from medfocus.pipeline.store import ImageStore
 from medfocus.trainer import ClassText, FeatureSet, FittedModel, compute_metrics, fit
 
 from .common import PreparedDataset, load_prepared
-from .features import encoder_options, mode_params
+from .features import MODES_WITHOUT_MASKS, encoder_options, mode_params
+from .segment import current_mask_store
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +59,37 @@ class CachedFeatures:
 
 
 def current_feature_store(spec: DatasetSpec, params: Params, paths: DatasetPaths, mode: str) -> ImageStore:
-    """The store the features stage wrote for ``mode`` with today's feature settings, or a clear error."""
+    """The store the features stage wrote for ``mode`` with today's feature settings, or a clear error.
+
+    For modes that use masks, the store must also come from the masks of today's segment settings: features steered
+    by other masks are other features.
+    """
     if not paths.features_summary.exists():
         raise FeaturesMissingError(f"no features for {spec.name!r} yet: run `medfocus features --dataset {spec.name}` first")
     summary = read_json(paths.features_summary)
-    entry = summary["modes"].get(mode)
+    made = summary.get("earlier_modes", {}) | summary["modes"]
+    entry = made.get(mode)
     if entry is None:
         raise FeaturesMissingError(
-            f"no {mode!r} features for {spec.name!r} (made: {sorted(summary['modes'])}): run `medfocus features --dataset {spec.name} --mode {mode}`"
+            f"no {mode!r} features for {spec.name!r} (made: {sorted(made)}): run `medfocus features --dataset {spec.name} --mode {mode}`"
         )
     settings = params.features
-    wanted = json.loads(json.dumps({"encoder_options": encoder_options(settings), "steering": mode_params(settings, mode)}))
-    if {k: entry.get(k) for k in wanted} != wanted:
+    wanted = json.loads(json.dumps({"encoder_options": encoder_options(settings), "steering": mode_params(settings, mode),
+                                    "dtype": settings.dtype}))
+    stale = sorted(k for k in wanted if entry.get(k) != wanted[k])
+    if stale:
         raise FeaturesMissingError(
-            f"the {mode!r} features of {spec.name!r} were made with other feature settings: run `medfocus features --dataset {spec.name}` first"
+            f"the {mode!r} features of {spec.name!r} were made with other feature settings ({', '.join(stale)}): "
+            f"run `medfocus features --dataset {spec.name} --mode {mode}` first"
         )
+    if mode not in MODES_WITHOUT_MASKS:
+        masks = current_mask_store(spec, params, paths)
+        if entry.get("mask_store_key") != masks.key:
+            raise FeaturesMissingError(
+                f"the {mode!r} features of {spec.name!r} were steered by other masks (mask store "
+                f"{entry.get('mask_store_key')}, today's segment settings give {masks.key}): "
+                f"run `medfocus features --dataset {spec.name} --mode {mode}` first"
+            )
     return ImageStore(entry["store"], read_only=True)
 
 
@@ -152,7 +169,7 @@ def train(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
             "test": {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in metrics}}
 
 
-def load_trained(path: Path, cached: CachedFeatures) -> FittedModel:
-    """A saved head, refused unless it was trained on this very feature store."""
-    return FittedModel.load(path, expect={"feature_store_key": cached.store_key, "mode": cached.mode,
-                                          "class_names": cached.text.class_names})
+def load_trained(path: Path, store: ImageStore, class_names: list[str]) -> FittedModel:
+    """A saved head, refused (naming every difference) unless it was trained on this very feature store and classes."""
+    return FittedModel.load(path, expect={"feature_store_key": store.key, "mode": store.attrs["spec"]["mode"],
+                                          "class_names": class_names})

@@ -1,0 +1,169 @@
+"""Train, evaluate and predict on cached features of the demo dataset (LiteMedSAM masks, random-init ViT-B-32).
+
+Every number here comes from a random-init encoder: the tests check the pipeline (determinism, refusals, outputs),
+never accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medfocus.pipeline.config import load_params
+from medfocus.pipeline.datasets import resolve_dataset
+from medfocus.pipeline.images import file_sha256
+from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.store import StoreMismatchError
+from medfocus.stages.common import load_prepared
+from medfocus.stages.predict import check_features_match
+from medfocus.stages.train import current_feature_store, load_cached_features, load_trained
+from medfocus.trainer import ModelMismatchError
+
+from .test_segment_stage import medfocus, stage_json, write_params
+
+DATASET = "demo"
+CLASSES = ["cyst", "nodule", "spiculated_mass"]
+SETTINGS = {
+    "prepare": {"demo_images_per_class": 2, "fractions": [1.0], "shots": [1], "subset_seeds": [0, 1]},
+    "segment": {"scheduler": "synchronous", "policy": "whole-image"},
+    "features": {"scheduler": "synchronous", "pretrained": "none", "modes": ["none", "attention"]},
+    "train": {"method": "medfocus", "mode": "attention", "fraction": 1.0, "epochs": 10},
+    "evaluate": {"methods": ["zero_shot", "linear_probe", "medfocus"], "modes": ["none", "attention"],
+                 "fractions": [1.0], "seeds": [0]},
+}
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> dict:
+    """The demo dataset segmented and encoded in modes none and attention."""
+    base = tmp_path_factory.mktemp("train")
+    root, cache = base / "data", base / "cache"
+    params = write_params(base, **SETTINGS)
+    common = ("-d", DATASET, "--root", root, "--params", params, "--cache-dir", cache)
+    assert stage_json(medfocus("segment", *common, "-q"))["processed"] == 6
+    assert stage_json(medfocus("features", *common, "-q"))["processed"] == 12
+    return {"root": root, "cache": cache, "params": params, "common": common}
+
+
+def train(run: dict, *options) -> dict:
+    return stage_json(medfocus("train", *run["common"], *options))
+
+
+def saved(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_twice_with_one_seed_saves_the_same_head(encoded, tmp_path):
+    first = train(encoded)
+    kept = shutil.copy(first["model"], tmp_path / "first.pt")
+    second = train(encoded)
+    assert second["model"] == first["model"] and second["weights_source"] == "random-init"
+    one, two = saved(kept), saved(second["model"])
+    assert one["state_dict"].keys() == two["state_dict"].keys()
+    assert all(torch.equal(one["state_dict"][name], two["state_dict"][name]) for name in one["state_dict"])
+    assert one["config"] == two["config"] and one["meta"] == two["meta"]
+    assert {k: v for k, v in one["fit_info"].items() if k != "fit_seconds"} == \
+           {k: v for k, v in two["fit_info"].items() if k != "fit_seconds"}
+    # Another seed trains another head: the comparison above could have failed.
+    other = saved(train(encoded, "--seed", "1")["model"])
+    assert not all(torch.equal(one["state_dict"][name], other["state_dict"][name]) for name in one["state_dict"])
+
+
+def test_a_head_is_refused_for_features_of_another_mode_or_model(encoded, tmp_path):
+    head = train(encoded)["model"]
+    image = sorted((encoded["root"] / "cyst").glob("*.png"))[0]
+    other_mode = medfocus("predict", image, *encoded["common"], "--mode", "none", "--model", head)
+    assert other_mode.exit_code == 2
+    assert "refusing the model" in other_mode.stderr and "mode: saved 'attention', expected 'none'" in other_mode.stderr
+
+    spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
+    params = load_params(encoded["params"])
+    none_store = current_feature_store(spec, params, paths, "none")
+    with pytest.raises(ModelMismatchError, match="feature_store_key"):
+        load_trained(Path(head), none_store, CLASSES)
+    assert load_trained(Path(head), current_feature_store(spec, params, paths, "attention"), CLASSES).method == "medfocus"
+
+    # Another encoder model: its own features, and the head trained on ViT-B-32 features is refused for them.
+    cache = tmp_path / "cache"
+    shutil.copytree(encoded["cache"], cache)
+    other_model = write_params(tmp_path, **(SETTINGS | {"features": SETTINGS["features"] | {"model": "ViT-S-32"}}))
+    common = ("-d", DATASET, "--root", encoded["root"], "--params", other_model, "--cache-dir", cache)
+    assert stage_json(medfocus("features", *common, "-q", "--mode", "attention"))["processed"] == 6
+    refused = medfocus("predict", image, *common, "--model", head)
+    assert refused.exit_code == 2
+    assert "refusing the model" in refused.stderr and "feature_store_key" in refused.stderr
+
+
+def test_evaluate_writes_metrics_runs_and_plots_marked_random_init(encoded):
+    result = medfocus("evaluate", *encoded["common"], "-q")
+    assert result.exit_code == 0, result.output
+    overview = json.loads(result.stdout)
+    assert overview["weights_source"] == "random-init" and overview["random_init"] is True
+    metrics = json.loads((encoded["cache"] / DATASET / "metrics.json").read_text())
+    assert metrics["weights_source"] == "random-init" and metrics["random_init"] is True
+    assert "RANDOM-INIT" in metrics["warning"]
+    assert {(row["method"], row["mode"]) for row in metrics["results"]} == {
+        (method, mode) for method in ("zero_shot", "linear_probe", "medfocus") for mode in ("none", "attention")}
+    assert all(row["weights_source"] == "random-init" for row in metrics["results"])
+    evaluation = encoded["cache"] / DATASET / "evaluation"
+    with (evaluation / "runs.csv").open() as handle:
+        runs = list(csv.DictReader(handle))
+    assert len(runs) == 6 and {run["weights_source"] for run in runs} == {"random-init"}
+    assert all(0.0 <= float(run["accuracy"]) <= 1.0 for run in runs)
+    for plot in ("accuracy_vs_fraction.png", "confusion_matrix.png"):
+        with Image.open(evaluation / plot) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 100
+            assert np.asarray(picture.convert("L")).std() > 5  # something is drawn
+
+
+def test_predict_writes_overlays_and_reproduces_the_training_features(encoded, tmp_path):
+    head = train(encoded)["model"]
+    images = []
+    for folder, name in (("a", "cyst"), ("b", "nodule")):
+        (tmp_path / folder).mkdir()
+        images.append(Path(shutil.copy(sorted((encoded["root"] / name).glob("*.png"))[0], tmp_path / folder / "scan.png")))
+    result = medfocus("predict", *images, *encoded["common"], "--model", head)
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((encoded["cache"] / DATASET / "predictions" / "predictions.json").read_text())
+    assert [p["image"] for p in predictions] == [str(path) for path in images]
+    overlays = {p["overlay"] for p in predictions}
+    assert len(overlays) == 2  # same file name, different images: two overlays
+    for prediction in predictions:
+        probabilities = prediction["probabilities"]
+        assert list(probabilities) == CLASSES and prediction["class"] in CLASSES
+        assert abs(sum(probabilities.values()) - 1.0) < 1e-5 and all(0.0 <= p <= 1.0 for p in probabilities.values())
+        assert prediction["weights_source"] == "random-init"
+        with Image.open(prediction["overlay"]) as picture:
+            assert picture.format == "PNG" and np.asarray(picture.convert("L")).std() > 5
+
+    # A dataset image gets the probabilities the head gives its stored training features.
+    spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
+    params = load_params(encoded["params"])
+    store = current_feature_store(spec, params, paths, "attention")
+    cached = load_cached_features(load_prepared(spec, params, paths, progress=False), store)
+    row = cached.features.hashes.index(file_sha256(images[0]))
+    stored = load_trained(Path(head), store, CLASSES).predict_proba(cached.features.subset([row]))[0]
+    np.testing.assert_allclose([predictions[0]["probabilities"][c] for c in CLASSES], stored.numpy(), atol=2e-3)
+
+
+def test_predict_refuses_an_encoder_that_would_make_other_features(encoded):
+    spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
+    store = current_feature_store(spec, load_params(encoded["params"]), paths, "attention")
+    made = store.attrs["spec"]
+    check_features_match(made, store)
+    # The same settings, but the weights can be had now: the head's random-init features are not these.
+    pretrained = made | {"encoder": made["encoder"] | {"weights_source": "pretrained:openai", "weights_sha256": "ab12"}}
+    with pytest.raises(StoreMismatchError, match="differing: encoder.weights_sha256, encoder.weights_source"):
+        check_features_match(pretrained, store)
+
+
+def test_predict_refuses_a_missing_image_file(encoded, tmp_path):
+    result = medfocus("predict", tmp_path / "absent.png", *encoded["common"])
+    assert result.exit_code == 2 and "no such image file" in result.stderr
