@@ -16,14 +16,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 
 from medfocus.pipeline.config import FeaturesParams, Params
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.encoders import (
     ImageEncoder,
-    OpenClipEncoder,
     UnsupportedEncoderFeature,
     attention_bias,
     create_encoder,
@@ -33,8 +31,7 @@ from medfocus.pipeline.encoders import (
     steer_image,
     steering_params,
 )
-from medfocus.pipeline.encoders.base import file_sha256
-from medfocus.pipeline.encoders.factory import LITEMEDSAM, _build_open_clip_model
+from medfocus.pipeline.encoders.factory import LITEMEDSAM
 from medfocus.pipeline.encoders.steering import canonical_layers
 from medfocus.pipeline.encoders.weights import HOW_TO_PROVIDE_WEIGHTS, WeightsPlan, plan_open_clip_weights
 from medfocus.pipeline.manifest import write_json
@@ -87,20 +84,6 @@ def resolve_encoder(options: dict) -> tuple[ImageEncoder, dict]:
     return encoder, recipe
 
 
-def _open_clip_from_plan(plan: WeightsPlan, options: dict, weights_sha256: str | None) -> OpenClipEncoder:
-    # The factory's builder for a plan already resolved (create_encoder would resolve it again).
-    return OpenClipEncoder(
-        _build_open_clip_model(plan),
-        model_name=plan.model,
-        pretrained=plan.pretrained,
-        weights_source=plan.weights_source,
-        weights_sha256=RANDOM_INIT if plan.checkpoint is None else (weights_sha256 or file_sha256(plan.checkpoint)),
-        tokenizer=lambda: open_clip.get_tokenizer(plan.architecture),
-        attention_layers=options["attention_layers"],
-        device=options["device"],
-    )
-
-
 def _encoder_from_recipe(recipe: dict) -> ImageEncoder:
     plan = recipe["plan"]
     if plan is None:  # LiteMedSAM: its weights ship inside its package
@@ -109,7 +92,7 @@ def _encoder_from_recipe(recipe: dict) -> ImageEncoder:
         # A remote worker without the driver's weights file finds its own (checked against the driver's afterwards).
         return create_encoder(**recipe["options"])
     known_sha256 = recipe.get("encoder", {}).get("weights_sha256")
-    return _open_clip_from_plan(WeightsPlan(**plan), recipe["options"], known_sha256)
+    return create_encoder(**recipe["options"], weights_plan=WeightsPlan(**plan), weights_sha256=known_sha256)
 
 
 def shared_encoder(recipe: dict) -> ImageEncoder:

@@ -83,6 +83,8 @@ def create_encoder(
     device: str = "cpu",
     attention_layers: str | list[int] = "all",
     token_grid: int = 16,
+    weights_plan: WeightsPlan | None = None,
+    weights_sha256: str | None = None,
 ) -> ImageEncoder:
     """Build a frozen image encoder.
 
@@ -98,19 +100,24 @@ def create_encoder(
 
     ``attention_layers``: transformer blocks that get the ROI attention bias (``all`` or indices, negative ones
     counting from the end). ``token_grid``: LiteMedSAM's patch-token grid side (divides 64).
+
+    ``weights_plan``: a plan resolved earlier (a stage's driver, handing it to its workers) is built as it is: no
+    second hub request, no second warning; ``weights_sha256`` then spares hashing its checkpoint again.
     """
     if model.lower() == LITEMEDSAM:
         return LiteMedSamEncoder(pretrained, token_grid=token_grid, device=device)
-    plan = plan_open_clip_weights(model, pretrained, allow_random_init)
-    if plan.unavailable_reason is not None:
-        _warn_random_init(plan)
+    plan = weights_plan
+    if plan is None:
+        plan = plan_open_clip_weights(model, pretrained, allow_random_init)
+        if plan.unavailable_reason is not None:
+            _warn_random_init(plan)
     built = _build_open_clip_model(plan)
     return OpenClipEncoder(
         built,
         model_name=model,
         pretrained=pretrained,
         weights_source=plan.weights_source,
-        weights_sha256=RANDOM_INIT if plan.checkpoint is None else file_sha256(plan.checkpoint),
+        weights_sha256=RANDOM_INIT if plan.checkpoint is None else (weights_sha256 or file_sha256(plan.checkpoint)),
         tokenizer=lambda: open_clip.get_tokenizer(plan.architecture),
         attention_layers=attention_layers,
         device=device,
