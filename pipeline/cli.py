@@ -24,10 +24,11 @@ log = logging.getLogger("medfocus")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: shown as one clear message and exit code 2, without a traceback."""
     from medfocus.pipeline.encoders import PretrainedWeightsUnavailable, UnsupportedEncoderFeature
+    from medfocus.pipeline.images import ImageDecodeError
     from medfocus.pipeline.segmenters import WeightsUnavailableError
     from medfocus.trainer import FeatureMismatchError, MethodUnavailableError
 
-    return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, PretrainedWeightsUnavailable,
+    return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, ImageDecodeError, PretrainedWeightsUnavailable,
             UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError)
 
 DatasetOption = typer.Option(..., "--dataset", "-d", help="Registered dataset name, or any name with --root for your own folder.")
@@ -320,5 +321,42 @@ def roi_eval(
         path = output or paths.dir / "roi_eval.json"
         write_json(path, report)
         _print_json({k: report[k] for k in ("per_class", "lesion", "empty_gt", "overall")} | {"report": str(path)})
+
+    _run(action)
+
+
+@app.command("demo-data")
+def demo_data(
+    root: Path = typer.Option(Path("data/demo"), "--root", help="Where to write the demo dataset."),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=2, help="Default: prepare.demo_images_per_class."),
+    params_file: Optional[Path] = ParamsOption,
+) -> None:
+    """Write the embedded synthetic demo dataset (no download); does nothing when it is already complete."""
+    from medfocus.pipeline.demo import generate_demo
+
+    def action() -> None:
+        params = _load(params_file, {"prepare.demo_images_per_class": images_per_class})
+        summary = generate_demo(root, images_per_class=params.prepare.demo_images_per_class)
+        _print_json({"root": str(root), "counts": summary["counts"], "params": summary["params"],
+                     "files_written": summary["files_written"]})
+
+    _run(action)
+
+
+@app.command()
+def report(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+) -> None:
+    """Write cache/<dataset>/report/index.html: results beside the paper's, plots, ROI gallery, attention overlays, provenance."""
+    from medfocus.stages.report import report as run_report
+
+    def action() -> None:
+        params = _load(params_file, {})
+        spec, paths = _dataset(dataset, root, params, cache_dir)
+        summary = run_report(spec, params, paths)
+        _print_json({k: summary[k] for k in ("report", "weights_source", "random_init", "images")})
 
     _run(action)

@@ -1,0 +1,335 @@
+"""The report stage: one HTML page per dataset, ``cache/<dataset>/report/index.html``, with its pictures beside it.
+
+It shows the results table next to the paper's numbers, the accuracy-vs-fraction plot, the confusion matrix, a
+gallery of the ROIs the segmenter chose, the fusion attention of the trained head on test images, and the
+provenance of every number: where the weights came from (a loud red banner when any model is random-init), the
+model, package versions, params and the keys of the stores the results were read from. It only reads what the
+earlier stages wrote; it runs no segmenter and no encoder. ``cache/<dataset>/report.json`` holds the headline
+numbers in a flat form for ``dvc metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from medfocus.pipeline.config import Params
+from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.encoders import letterbox
+from medfocus.pipeline.images import load_image
+from medfocus.pipeline.manifest import write_atomic, write_json
+from medfocus.pipeline.paths import DatasetPaths, read_json
+from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
+from medfocus.trainer import fusion_attention
+from medfocus.trainer.plots import plot_attention_overlay
+
+from .common import PreparedDataset, load_prepared
+from .evaluate import PAPER_RESULTS_AT_5_PERCENT
+from .features import MODES_WITHOUT_MASKS, mode_params, read_masks, steer
+from .gallery import pick_examples, write_gallery
+from .segment import current_mask_store
+from .train import current_feature_store, load_cached_features, load_trained, model_path
+
+REPORT_PAGE = "index.html"
+ACCURACY_PLOT = "accuracy_vs_fraction.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+ROI_GALLERY = "roi_gallery.png"
+PAPER_FRACTION = 0.05
+PAPER_LABELS = {"medfocusclip": "MedFocusCLIP", "clip": "CLIP"}
+
+
+def report_summary_path(paths: DatasetPaths) -> Path:
+    return paths.dir / "report.json"
+
+
+class ReportInputMissingError(FileNotFoundError):
+    """An earlier stage has not written what the report shows."""
+
+
+def _read_stage_output(path: Path, dataset: str, command: str) -> dict:
+    if not path.exists():
+        raise ReportInputMissingError(f"no {path.name} for {dataset!r} yet: run `medfocus {command} --dataset {dataset}` first")
+    return read_json(path)
+
+
+def subset_label(fraction: float | None, shots: int | None) -> str:
+    return f"{shots}-shot" if shots is not None else f"{100 * fraction:g}%"
+
+
+# ---------------------------------------------------------------------------------------------------- pictures
+def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, params: Params, paths: DatasetPaths,
+                             out_dir: Path, count: int) -> tuple[list[dict], dict]:
+    """The trained head's fusion attention on up to ``count`` test images (one per class in turn).
+
+    Returns one record per picture and the identity of the head shown. The picture is the image as the encoder
+    saw it (steered by the ROI mode, letterboxed) with the ROI share and the attention of the predicted class
+    per patch; a head that is not a medfocus fusion head has no attention, and its panel shows the ROI share.
+    """
+    settings = params.train
+    store = current_feature_store(spec, params, paths, settings.mode)
+    cached = load_cached_features(prepared, store)
+    shots = settings.shots
+    fraction = None if shots is not None else settings.fraction
+    head_file = model_path(paths, settings.method, settings.mode, fraction, shots, settings.seed)
+    model = load_trained(head_file, store, prepared.class_names)
+    encoder = store.attrs["spec"]["encoder"]
+    grid, image_size = tuple(encoder["grid"]), int(encoder["image_size"])
+    steering = mode_params(params.features, settings.mode)
+    masks = None if settings.mode in MODES_WITHOUT_MASKS else current_mask_store(spec, params, paths)
+
+    row_of = {digest: row for row, digest in enumerate(cached.features.hashes)}
+    test_hashes = {cached.features.hashes[row] for row in cached.splits["test"]}
+    test_only = dataclasses.replace(prepared, entries=[e for e in prepared.entries if e.hash in test_hashes])
+    records = []
+    for number, entry in enumerate(pick_examples(test_only, test_hashes, count), start=1):
+        row = row_of[entry.hash]
+        one = cached.features.subset([row])
+        probabilities = model.predict_proba(one)[0]
+        predicted = int(probabilities.argmax())
+        roi_weights = cached.features.roi_weights[row]
+        if model.method == "medfocus":
+            attention, panel = fusion_attention(model, one)[0, predicted], "fusion attention"
+        else:
+            attention, panel = roi_weights, f"no attention ({model.method} head): ROI share"
+        image = load_image(prepared.image_path(entry))
+        roi, labels = read_masks(masks, entry.hash) if masks is not None else (None, None)
+        steered, _ = steer(image, roi, labels, settings.mode, steering, grid)
+        view = letterbox(steered, image_size, Image.Resampling.BILINEAR)
+        predicted_name = prepared.class_names[predicted]
+        name = f"attention_{number}_{entry.label}.png"
+        title = (f"true {entry.label}, predicted {predicted_name} ({100 * float(probabilities[predicted]):.1f}%) — "
+                 f"{model.method}/{settings.mode}, {panel}, encoder {cached.weights_source}")
+        plot_attention_overlay(view, roi_weights, attention, out_dir / name, title, grid=grid)
+        records.append({"file": name, "image": entry.path, "true": entry.label, "predicted": predicted_name,
+                        "probability": round(float(probabilities[predicted]), 4)})
+    head = {"file": str(head_file), "method": model.method, "mode": settings.mode,
+            "subset": subset_label(fraction, shots), "seed": settings.seed, "feature_store_key": cached.store_key,
+            "lambda": model.config.lambda_, "epochs": model.config.epochs}
+    return records, head
+
+
+# ---------------------------------------------------------------------------------------------------- html
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for index, row in enumerate(rows):
+        css = f' class="{classes[index]}"' if classes and classes[index] else ""
+        body.append(f"<tr{css}>" + "".join(f"<td>{_e('—' if v is None else v)}</td>" for v in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(file: str, caption: str) -> str:
+    return f'<figure><img src="{_e(file)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _percent(value) -> str | None:
+    return None if value is None else f"{value:.2f}"
+
+
+def random_init_parts(segment_summary: dict, features_summary: dict, metrics: dict) -> list[str]:
+    """Which models behind these numbers had no trained weights."""
+    parts = []
+    if features_summary.get("random_init") or metrics.get("random_init") or is_random_init(features_summary.get("weights_source", "")):
+        parts.append(f"the image encoder ({features_summary.get('encoder', {}).get('model', '?')})")
+    if is_random_init(json.dumps(segment_summary.get("segmenter", {}))):
+        parts.append(f"the segmenter ({segment_summary.get('segmenter', {}).get('backend', '?')})")
+    return parts
+
+
+def _banner(parts: list[str]) -> str:
+    if not parts:
+        return ""
+    return (
+        '<div class="banner"><strong>RANDOM-INIT: NOT REAL RESULTS.</strong> '
+        f"{_e(' and '.join(parts))} had no pretrained weights here and ran with random initialisation. Every number "
+        "and picture on this page measures the pipeline, not the method. Provide the weights (see the README: "
+        "pretrained weights) and rerun <code>dvc repro</code>.</div>"
+    )
+
+
+def results_section(metrics: dict, dataset: str) -> str:
+    """The results table of ``metrics.json`` beside the paper's numbers at 5% for ``dataset`` (or why there are none)."""
+    rows, classes = [], []
+    for r in metrics["results"]:
+        rows.append([r["method"], r["mode"], subset_label(r["fraction"], r["shots"]),
+                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", _percent(r["balanced_accuracy"]),
+                     _percent(r["macro_f1"]), _percent(r["auroc"]), r["seeds"], r["weights_source"]])
+        classes.append("paper-point" if r["fraction"] == PAPER_FRACTION else "")
+    ours = _table(["method", "ROI mode", "training subset", "accuracy % (mean ± std)", "balanced acc. %",
+                   "macro-F1 %", "AUROC %", "seeds", "encoder weights"], rows, classes)
+
+    paper = PAPER_RESULTS_AT_5_PERCENT.get(dataset)
+    at_paper_point = [r for r in metrics["results"] if r["fraction"] == PAPER_FRACTION]
+    if paper:
+        paper_rows = [[f"{PAPER_LABELS.get(k, k)} (paper)", f"{v:.2f}"] for k, v in paper.items()]
+        paper_rows += [[f"{r['method']}/{r['mode']} (this run)", f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}"]
+                       for r in at_paper_point]
+        side = _table(["at 5% of the training images", "accuracy %"], paper_rows)
+        if not at_paper_point:
+            side += "<p>This run did not evaluate the 5% fraction (evaluate.fractions).</p>"
+    else:
+        covered = ", ".join(sorted(PAPER_RESULTS_AT_5_PERCENT))
+        side = f"<p>The paper (MedFocusCLIP, Arora &amp; Namboodiri) reports no numbers for <code>{_e(dataset)}</code>; it covers {_e(covered)}.</p>"
+    return (f'<h2>Results</h2><p>Test accuracy on {_e(metrics["test_images"])} held-out images; rows at 5% (the '
+            f'paper\'s protocol point) are highlighted.</p><div class="side-by-side"><div>{ours}</div>'
+            f'<div class="paper"><h3>The paper\'s numbers</h3>{side}</div></div>')
+
+
+def _versions_table(columns: dict[str, dict]) -> str:
+    names = sorted({name for versions in columns.values() for name in versions})
+    rows = [[name, *(versions.get(name) for versions in columns.values())] for name in names]
+    return _table(["package", *columns], rows)
+
+
+def _provenance_section(info: dict) -> str:
+    segment, features, prepare = info["segment"], info["features"], info["prepare"]
+    encoder, segmenter = features.get("encoder", {}), segment.get("segmenter", {})
+    segmenter_source = RANDOM_INIT if is_random_init(json.dumps(segmenter)) else f"pretrained: {segmenter.get('checkpoint') or segmenter.get('model')}"
+    weights_rows = [
+        ["image encoder", encoder.get("model"), features.get("weights_source"), encoder.get("weights_sha256")],
+        ["segmenter", segmenter.get("backend"), segmenter_source, segmenter.get("checkpoint_sha256")],
+    ]
+    stores = [["masks", "—", segment.get("store_key"), segment.get("store")]]
+    stores += [["features", mode, entry.get("store_key"), entry.get("store")] for mode, entry in features.get("modes", {}).items()]
+    runs = [["segment", segment.get("total"), segment.get("processed"), segment.get("skipped"), segment.get("failed_count"),
+             segment.get("seconds"), segment.get("scheduler")]]
+    runs += [[f"features [{mode}]", m.get("total"), m.get("processed"), m.get("skipped"), m.get("failed_count"),
+              m.get("seconds"), m.get("scheduler")] for mode, m in features.get("modes", {}).items()]
+    head = info["head"]
+    data_rows = [
+        ["images (after de-duplication)", prepare.get("images")],
+        ["train / test per class", json.dumps(prepare.get("counts"))],
+        ["test split", prepare.get("test_split")],
+        ["duplicate files removed", prepare.get("duplicate_files_removed")],
+        ["unreadable files skipped", prepare.get("corrupt_count")],
+        ["train/test leaks removed", prepare.get("leaked_train_test")],
+        ["warnings", "; ".join(prepare.get("warnings", [])) or None],
+    ]
+    return (
+        "<h2>Provenance</h2>"
+        "<h3>Weights</h3>" + _table(["model", "name", "weights source", "weights sha256"], weights_rows)
+        + f"<p>ROI policy: <code>{_e(segment.get('policy'))}</code>. Segmenter: <code>{_e(json.dumps(segmenter, sort_keys=True))}</code></p>"
+        + f"<p>Encoder: <code>{_e(json.dumps(encoder, sort_keys=True))}</code></p>"
+        + "<h3>Trained head shown above</h3>" + _table(list(head), [list(head.values())])
+        + "<h3>Data</h3>" + _table(["", ""], data_rows)
+        + "<h3>Stores</h3>" + _table(["store", "ROI mode", "key", "location"], stores)
+        + "<h3>Stage runs</h3>" + _table(["stage", "images", "processed", "skipped", "failed", "seconds", "scheduler"], runs)
+        + "<h3>Versions</h3>" + _versions_table(info["versions"])
+        + "<h3>Params</h3><pre>" + _e(yaml.safe_dump(info["params"], sort_keys=False)) + "</pre>"
+    )
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+.banner { background: #c00; color: #fff; font-size: 1.3em; padding: 1em; border: 4px solid #700; margin: 1em 0; }
+.banner code { color: #fff; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+tr.paper-point { background: #fff7d6; }
+.side-by-side { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+.paper { border-left: 3px solid #888; padding-left: 1em; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; }
+pre, code { font-size: 0.8em; background: #f7f7f7; word-break: break-all; white-space: pre-wrap; }
+"""
+
+
+def render_page(dataset: str, info: dict) -> str:
+    random_parts = info["random_init_parts"]
+    weights = info["features"].get("weights_source")
+    title = f"medfocus report: {dataset}" + (f" ({RANDOM_INIT})" if random_parts else "")
+    figures = [_figure(ACCURACY_PLOT, "Test accuracy against training fraction (mean ± std over seeds)"),
+               _figure(CONFUSION_PLOT, "Confusion matrix of the best method at the largest fraction")]
+    overlays = [_figure(o["file"], f"{o['image']}: true {o['true']}, predicted {o['predicted']} ({100 * o['probability']:.1f}%)")
+                for o in info["overlays"]]
+    return "".join([
+        f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        _banner(random_parts),
+        f"<p>Encoder <code>{_e(info['features'].get('encoder', {}).get('model'))}</code>, weights <code>{_e(weights)}</code>; "
+        f"segmenter <code>{_e(info['segment'].get('segmenter', {}).get('backend'))}</code> with ROI policy "
+        f"<code>{_e(info['segment'].get('policy'))}</code>.</p>",
+        results_section(info["metrics"], dataset),
+        "<h2>Plots</h2>", *figures,
+        "<h2>Regions of interest</h2><p>Every mask the segmenter found, with the chosen ROI outlined.</p>",
+        _figure(ROI_GALLERY, "ROI gallery"),
+        "<h2>Where the trained head looks</h2><p>Test images as the encoder saw them: ROI share per patch and the "
+        "attention of the predicted class.</p>",
+        *(overlays or ["<p>No test image has features.</p>"]),
+        _provenance_section(info),
+        "</body></html>\n",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+def headline_accuracy(metrics: dict) -> dict[str, dict[str, float]]:
+    """{"method/mode": {"5%": accuracy, ...}}: the flat form `dvc metrics show` and `dvc metrics diff` print."""
+    table: dict[str, dict[str, float]] = {}
+    for row in metrics["results"]:
+        table.setdefault(f"{row['method']}/{row['mode']}", {})[subset_label(row["fraction"], row["shots"])] = row["accuracy"]
+    return table
+
+
+def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
+    """Write the report folder and ``report.json``; return the summary written there."""
+    metrics = _read_stage_output(paths.metrics, spec.name, "evaluate")
+    segment_summary = _read_stage_output(paths.segment_summary, spec.name, "segment")
+    features_summary = _read_stage_output(paths.features_summary, spec.name, "features")
+    prepared = load_prepared(spec, params, paths, progress=False)
+    out_dir = paths.report_dir
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # the folder is this stage's alone; pictures of an earlier run must not linger
+    out_dir.mkdir(parents=True)
+
+    for name in (ACCURACY_PLOT, CONFUSION_PLOT):
+        source = paths.evaluation_dir / name
+        if not source.exists():
+            raise ReportInputMissingError(f"no {source}: run `medfocus evaluate --dataset {spec.name}` first")
+        shutil.copyfile(source, out_dir / name)
+    mask_store = current_mask_store(spec, params, paths)
+    options = segment_summary.get("options", {})
+    write_gallery(prepared, mask_store, out_dir / ROI_GALLERY, params.report.gallery_images,
+                  f"{spec.name}: {options.get('backend')} masks, ROI policy {options.get('policy')}")
+    overlay_count = min(len(prepared.class_names), params.report.gallery_images)
+    overlays, head = write_attention_overlays(spec, prepared, params, paths, out_dir, overlay_count)
+
+    random_parts = random_init_parts(segment_summary, features_summary, metrics)
+    info = {
+        "metrics": metrics,
+        "segment": segment_summary,
+        "features": features_summary,
+        "prepare": prepared.summary,
+        "head": head,
+        "overlays": overlays,
+        "random_init_parts": random_parts,
+        "params": params.model_dump(by_alias=True, mode="json"),
+        "versions": {"segment": segment_summary.get("versions", {}), "features": features_summary.get("versions", {}),
+                     "evaluate": metrics.get("versions", {}), "report": package_versions()},
+    }
+    page = out_dir / REPORT_PAGE
+    write_atomic(page, render_page(spec.name, info))
+    summary = {
+        "dataset": spec.name,
+        "report": str(page),
+        "weights_source": features_summary.get("weights_source"),
+        "random_init": bool(random_parts),
+        **({"warning": f"{RANDOM_INIT}: {' and '.join(random_parts)} without pretrained weights; not real results"} if random_parts else {}),
+        "test_images": metrics["test_images"],
+        "accuracy": headline_accuracy(metrics),
+        "paper_at_5_percent": PAPER_RESULTS_AT_5_PERCENT.get(spec.name),
+        "images": sorted(p.name for p in out_dir.glob("*.png")),
+    }
+    write_json(report_summary_path(paths), summary)
+    return summary

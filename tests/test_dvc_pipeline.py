@@ -1,0 +1,317 @@
+"""`dvc repro` end to end in a fresh clone of the working tree, and the per-image stages on a dask cluster.
+
+The clone runs a small demo (2 images per class, a one-prompt ROI policy, one ROI mode, a short protocol) so the
+whole file takes a few minutes. Each test starts from an up-to-date pipeline and leaves one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment running the tests holds `dvc` and `medfocus`
+DATASET = "demo"
+IMAGES_PER_CLASS = 2
+ALL_STAGES = {"demo_data", f"prepare@{DATASET}", f"segment@{DATASET}", f"features@{DATASET}", f"train@{DATASET}",
+              f"evaluate@{DATASET}", f"report@{DATASET}"}
+
+
+def small_params(params: dict) -> dict:
+    """The repository's params.yaml shrunk to a pipeline that runs in about a minute on two cores."""
+    params["prepare"].update(demo_images_per_class=IMAGES_PER_CLASS, fractions=[1.0], shots=[1], subset_seeds=[0])
+    params["segment"].update(policy="whole-image", scheduler="synchronous", workers=1)
+    params["features"].update(modes=["attention"], scheduler="synchronous", workers=1)
+    params["train"].update(epochs=5, fraction=1.0, shots=None, seed=0, mode="attention", method="medfocus")
+    params["evaluate"].update(methods=["zero_shot", "medfocus"], modes=["attention"], fractions=[1.0], shots=[], seeds=[0])
+    params["report"]["gallery_images"] = 3
+    return params
+
+
+def run_tool(args: list[str], cwd: Path, python_path: Path, timeout: int = 900) -> str:
+    """Run a command of the test environment with the clone's code first on the import path."""
+    environment = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(python_path),
+                                "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{output[-4000:]}"
+    return output
+
+
+class Clone:
+    """A git repository holding the working tree's files (tracked and untracked, nothing git ignores).
+
+    Its commands import the clone's code, not the working tree's (which the editable install points at): the
+    ``medfocus`` package of ``python_path`` links to the clone's folders and comes first on the import path.
+    """
+
+    def __init__(self, root: Path, python_path: Path):
+        self.root = root
+        self.python_path = python_path
+        self.first_run: set[str] = set()
+
+    @classmethod
+    def of_working_tree(cls, root: Path, python_path: Path) -> "Clone":
+        # Listed through an empty repository of its own, so the checkout need not be a git repository (a tarball).
+        with tempfile.TemporaryDirectory() as listing:
+            subprocess.run(["git", "init", "-q", listing], check=True, capture_output=True)
+            listed = subprocess.run(["git", "--git-dir", f"{listing}/.git", "--work-tree", str(REPO), "ls-files", "-z",
+                                     "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True)
+        for relative in filter(None, listed.stdout.decode().split("\0")):
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / relative, root / relative)
+        for folder in ("pipeline", "stages", "trainer"):
+            (python_path / "medfocus").mkdir(parents=True, exist_ok=True)
+            (python_path / "medfocus" / folder).symlink_to(root / folder, target_is_directory=True)
+        clone = cls(root, python_path)
+        clone.write_params(small_params(clone.params()))
+        for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                        ["git", "-c", "user.name=medfocus-test", "-c", "user.email=test@medfocus", "commit", "-q", "-m", "clone"]):
+            subprocess.run(command, cwd=root, check=True, capture_output=True)
+        return clone
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def write_params(self, params: dict) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def dvc(self, *args: str) -> str:
+        return run_tool([str(BIN / "dvc"), *args], self.root, self.python_path)
+
+    def repro(self) -> set[str]:
+        """Run `dvc repro`; return the stages it ran."""
+        return set(re.findall(r"Running stage '([^']+)'", self.dvc("repro")))
+
+    def summary(self, name: str) -> dict:
+        return json.loads((self.root / "cache" / DATASET / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Clone:
+    if not (BIN / "dvc").exists() or not (BIN / "medfocus").exists():
+        pytest.skip(f"dvc and medfocus must be installed beside {sys.executable}")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repository = Clone.of_working_tree(tmp_path_factory.mktemp("clone"), tmp_path_factory.mktemp("python"))
+    repository.first_run = repository.repro()
+    return repository
+
+
+@pytest.mark.slow
+def test_fresh_clone_runs_every_stage_offline(clone):
+    code = run_tool([sys.executable, "-c", "import medfocus.pipeline.paths as m; print(m.__file__)"], clone.root, clone.python_path)
+    assert Path(code.strip()).resolve() == (clone.root / "pipeline" / "paths.py").resolve()
+    assert clone.first_run == ALL_STAGES
+    assert clone.summary("segment")["processed"] == 3 * IMAGES_PER_CLASS
+    report = clone.summary("report")
+    assert report["random_init"] is True  # offline: the open_clip encoder has no weights
+    assert (clone.root / report["report"]).is_file()
+    assert "Data and pipelines are up to date" in clone.dvc("status")
+
+
+@pytest.mark.slow
+def test_second_repro_runs_nothing(clone):
+    assert clone.repro() == set()
+
+
+@pytest.mark.slow
+def test_plots_and_metrics_show(clone, tmp_path):
+    clone.dvc("plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert '"series": "medfocus/attention"' in page  # the accuracy-vs-fraction CSV, one line per method/mode
+    assert {p.name for p in (tmp_path / "plots" / "static").iterdir()} >= {
+        f"workspace_cache_{DATASET}_evaluation_accuracy_vs_fraction.png", f"workspace_cache_{DATASET}_evaluation_confusion_matrix.png"}
+    metrics = json.loads(clone.dvc("metrics", "show", "--json"))
+    (workspace,) = metrics.values()  # one revision: the workspace
+    shown = workspace["data"][f"cache/{DATASET}/report.json"]["data"]
+    assert set(shown["accuracy"]) == {"zero_shot/attention", "medfocus/attention"}
+
+
+@pytest.mark.slow
+def test_changing_lambda_reruns_only_train_evaluate_report(clone):
+    params = clone.params()
+    params["train"]["lambda"] = 0.25
+    clone.write_params(params)
+    assert clone.repro() == {f"train@{DATASET}", f"evaluate@{DATASET}", f"report@{DATASET}"}
+    assert clone.summary("metrics")["train_settings"]["lambda"] == 0.25
+
+
+@pytest.mark.slow
+def test_changing_a_segment_param_reruns_segment_and_everything_after(clone):
+    params = clone.params()
+    params["segment"]["policy"] = "centre-box"
+    clone.write_params(params)
+    assert clone.repro() == ALL_STAGES - {"demo_data", f"prepare@{DATASET}"}
+    segment = clone.summary("segment")
+    assert segment["policy"] == "centre-box"
+    assert segment["processed"] == segment["total"] == 3 * IMAGES_PER_CLASS  # a new store: every image again
+    assert len(list((clone.root / "cache" / DATASET / "masks").glob("*.zarr"))) == 2  # the first store is kept
+
+
+@pytest.mark.slow
+def test_adding_one_image_segments_exactly_that_image(clone):
+    from PIL import Image
+
+    from medfocus.pipeline.demo import render_demo_sample
+
+    # An image the demo generator does not name, so it is the user's and stays.
+    Image.fromarray(render_demo_sample(0, 99).image).save(clone.root / "data" / DATASET / "cyst" / "added_by_hand.png")
+    assert clone.repro() == ALL_STAGES
+    images = 3 * IMAGES_PER_CLASS + 1
+    assert {k: clone.summary("segment")[k] for k in ("processed", "skipped", "total")} == {"processed": 1, "skipped": images - 1, "total": images}
+    assert {k: clone.summary("features")[k] for k in ("processed", "skipped", "total")} == {"processed": 1, "skipped": images - 1, "total": images}
+    assert clone.repro() == set()
+
+
+# ---------------------------------------------------------------------------------------------------- without dvc
+def _stage_definitions() -> dict[str, dict]:
+    """dvc.yaml's stages with ${key} and ${item.root} filled in for the demo."""
+    text = (REPO / "dvc.yaml").read_text().replace("${key}", DATASET).replace("${item.root}", "data/demo")
+    return {name: stage.get("do", stage) for name, stage in yaml.safe_load(text)["stages"].items()}
+
+
+def _paths_of(entries: list) -> list[str]:
+    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+
+
+def test_dvc_yaml_names_real_commands_code_params_and_output_paths():
+    import typer
+
+    from medfocus.pipeline.cli import app
+    from medfocus.pipeline.config import Params
+    from medfocus.pipeline.paths import DatasetPaths
+    from medfocus.stages.report import report_summary_path
+
+    commands = set(typer.main.get_command(app).commands)
+    paths = DatasetPaths(DATASET)
+    known_outputs = {str(getattr(paths, name)) for name, value in vars(DatasetPaths).items() if isinstance(value, property)}
+    known_outputs.add(str(report_summary_path(paths)))
+    stages = _stage_definitions()
+    assert set(stages) == {"demo_data", "prepare", "segment", "features", "train", "evaluate", "report"}
+    for name, stage in stages.items():
+        program, command = stage["cmd"].split()[:2]
+        assert program == "medfocus" and command in commands, stage["cmd"]
+        for param in stage["params"]:
+            section, _, key = param.partition(".")
+            assert section in Params.model_fields and (not key or key in Params.model_fields[section].annotation.model_fields), param
+        for dep in _paths_of(stage["deps"]):
+            if not dep.startswith(("cache/", "data/")):
+                assert (REPO / dep).exists(), f"{name}: code dependency {dep} does not exist"
+        for out in _paths_of(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])):
+            if out.startswith("cache/"):
+                assert out in known_outputs or Path(out).parent == paths.evaluation_dir, f"{name}: {out} is no DatasetPaths path"
+    # Every stage after prepare reads the outputs of the one before it.
+    for stage, upstream in (("segment", "prepare"), ("features", "segment"), ("train", "features"), ("evaluate", "features"),
+                            ("report", "evaluate")):
+        produced = set(_paths_of(stages[upstream].get("outs", []) + stages[upstream].get("metrics", [])))
+        assert produced & set(_paths_of(stages[stage]["deps"])), f"{stage} does not depend on what {upstream} writes"
+
+
+def test_demo_data_command_writes_the_demo_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from medfocus.pipeline.cli import app
+
+    arguments = ["demo-data", "--root", str(tmp_path / "demo"), "--images-per-class", "2", "--params", str(REPO / "params.yaml")]
+    first = CliRunner().invoke(app, arguments)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["counts"] == {"cyst": 2, "nodule": 2, "spiculated_mass": 2}
+    assert len(list((tmp_path / "demo").glob("*/*.png"))) == 6
+    second = CliRunner().invoke(app, arguments)
+    assert json.loads(second.stdout)["files_written"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------- scaling out
+def _store_images(store) -> dict[str, dict[str, np.ndarray]]:
+    digests = sorted(store.root["images"].group_keys())
+    return {d: store.read_image(d)[0] for d in digests}
+
+
+@pytest.mark.slow
+def test_segment_and_features_on_a_dask_cluster_with_shared_stores(clone, tmp_path, monkeypatch):
+    """Worker processes of a dask cluster write the stores under a shared folder; their results equal a local run's."""
+    distributed = pytest.importorskip("distributed")
+    from medfocus.pipeline.store import ImageStore
+
+    monkeypatch.setenv("PYTHONPATH", str(clone.python_path))  # the workers run the clone's code too
+    # Two of the demo's images as a dataset of their own: the clone's stores (same settings, so the same store keys)
+    # already hold the local, synchronous results for them.
+    images = tmp_path / "pair"
+    for name in ("cyst", "nodule"):
+        (images / name).mkdir(parents=True)
+        shutil.copy2(clone.root / "data" / DATASET / name / f"{name}_000.png", images / name)
+    params = small_params(clone.params())
+    for section in ("segment", "features"):
+        params[section]["chunk_size"] = 1  # one task per image, so both workers get work
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    shared = tmp_path / "shared"
+    common = ["--dataset", "pair", "--root", str(images), "--params", str(params_file), "--cache-dir", str(tmp_path / "cache"),
+              "--store-root", str(shared), "--quiet"]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        for stage in ("segment", "features"):
+            run_tool([str(BIN / "medfocus"), stage, *common, "--scheduler", address, "--workers", "1"], tmp_path, clone.python_path)
+        ran_on_workers = " ".join(cluster.scheduler.task_prefixes)
+    assert "segment_chunk" in ran_on_workers and "encode_chunk" in ran_on_workers
+
+    segment = json.loads((tmp_path / "cache" / "pair" / "segment.json").read_text())
+    features = json.loads((tmp_path / "cache" / "pair" / "features.json").read_text())
+    assert segment["scheduler"] == address
+    assert (segment["processed"], segment["failed_count"], features["processed"], features["failed_count"]) == (2, 0, 2, 0)
+    stores = {"masks": ImageStore(segment["store"], read_only=True),
+              "features": ImageStore(features["modes"]["attention"]["store"], read_only=True)}
+    for kind, remote_store in stores.items():
+        assert Path(remote_store.url).parent == shared / "pair" / kind
+        local_store = ImageStore(str(clone.root / "cache" / DATASET / kind / f"{remote_store.key}.zarr"), read_only=True)
+        remote, local = _store_images(remote_store), _store_images(local_store)
+        assert len(remote) == 2 and set(remote) <= set(local)
+        for digest, arrays in remote.items():
+            for name, array in arrays.items():
+                np.testing.assert_allclose(array.astype(np.float32), local[digest][name].astype(np.float32), atol=2e-3, rtol=1e-2,
+                                           err_msg=f"{kind}/{name} of {digest[:12]}")
+
+
+@pytest.mark.slow
+def test_stores_behind_an_fsspec_url(tmp_path):
+    """segment and features write to, and read each other's store from, an fsspec URL (memory:// here, s3:// alike)."""
+    import torch
+
+    from medfocus.pipeline.config import parse_params
+    from medfocus.pipeline.datasets import resolve_dataset
+    from medfocus.pipeline.demo import generate_demo
+    from medfocus.pipeline.paths import DatasetPaths
+    from medfocus.pipeline.store import ImageStore
+    from medfocus.stages.features import features
+    from medfocus.stages.segment import segment
+
+    torch.set_num_threads(1)
+    generate_demo(tmp_path / "data", images_per_class=IMAGES_PER_CLASS)
+    params = small_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    store_root = f"memory://{tmp_path.name}"  # the memory filesystem lives as long as the process: one root per test
+    for section in ("segment", "features"):
+        params[section]["store_root"] = store_root
+    settings = parse_params(params)
+    spec = resolve_dataset(DATASET, tmp_path / "data", settings)
+    paths = DatasetPaths(DATASET, tmp_path / "cache")
+
+    masks = segment(spec, settings, paths, progress=False)
+    encoded = features(spec, settings, paths, progress=False)
+    assert masks["store"].startswith(f"{store_root}/{DATASET}/masks/") and masks["processed"] == 6
+    feature_store = encoded["modes"]["attention"]["store"]
+    assert feature_store.startswith(f"{store_root}/{DATASET}/features/") and encoded["processed"] == 6
+    assert not (tmp_path / "cache" / DATASET / "masks").exists()
+    roi = [arrays["roi"] for arrays in _store_images(ImageStore(masks["store"], read_only=True)).values()]
+    assert len(roi) == 6 and all(r.shape == (256, 256) for r in roi)
+    assert len(_store_images(ImageStore(feature_store, read_only=True))) == 6
