@@ -430,6 +430,8 @@ POLICIES: dict[str, RoiPolicy] = {
 
 
 DEFAULT_POLICY_BY_DATASET: dict[str, str] = {
+    # Hypoechoic lesions: dark-blob proposals (registered name, and the shared folder's name for ad-hoc use).
+    "breast_cancer": "dark-blob",
     "breast_ultrasound": "dark-blob",
 }
 GENERIC_DEFAULT_POLICY = "grid-score"
