@@ -15,8 +15,9 @@ its cost and the speed-up. With ``--checkpoint auto`` (or a path) the same comma
 
     nice -n 10 python benchmarks/segment_speed.py --images 20 --threads 1 --out benchmarks/segment_speed.json
 
-``--amg-from`` reuses the generator records (seconds and every candidate mask) of an earlier run's JSON + NPZ
-and re-runs only the other modes, re-choosing the generator's ROI with the current policy.
+Each generator result (its seconds and every candidate mask) is written to ``--generator-cache`` as soon as it
+is measured; a rerun with the same settings reuses those records (the ROI re-chosen with the current policy),
+so a long run can resume and the fast modes can be re-measured without paying for the generator again.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="SAM2 weights: 'auto' or a path (default: random-init)")
     parser.add_argument("--policy", default="dark-blob", help="ROI policy for the prompted modes and LiteMedSAM")
     parser.add_argument("--reduced-size", type=int, default=512, help="SAM2 input side of the reduced prompted mode")
-    parser.add_argument("--amg-from", type=Path, default=None, help="JSON of an earlier run to reuse generator records")
+    parser.add_argument("--generator-cache", type=Path, default=None,
+                        help="folder of per-image generator records (default: <out>.generator/); matching records are "
+                        "reused, so an interrupted run resumes and other policies re-run without the generator")
     parser.add_argument("--out", type=Path, default=Path("segment_speed.json"))
     args = parser.parse_args(argv)
 
@@ -133,60 +136,54 @@ def main(argv: list[str] | None = None) -> int:
         "litemedsam prompted 256": lambda: create_segmenter("litemedsam", **common),
     }
     amg_name = f"sam2 generator {args.points_per_side}x{args.points_per_side} @1024"
-    reused = None
-    if args.amg_from is not None:
-        reused = json.loads(args.amg_from.read_text())
-        reused_masks = np.load(args.amg_from.with_suffix(".npz"))
-        if [r["image"] for r in reused["per_image"][amg_name]] != [str(p) for p in images]:
-            raise SystemExit(f"{args.amg_from} was run on other images; rerun without --amg-from")
-
+    generator = create_segmenter(
+        "sam2",
+        mode="auto",
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+        **sam2_common,
+    )
+    descriptions = {amg_name: generator.describe()}
+    cache = args.generator_cache or args.out.with_suffix(".generator")
+    cache.mkdir(parents=True, exist_ok=True)
+    policy = get_policy(args.policy)
     per_image: dict[str, list[dict]] = {amg_name: []}
-    amg_rois: list[np.ndarray] = []
-    saved_masks: dict[str, np.ndarray] = {}
-    descriptions = {}
-    if reused is None:
-        generator = create_segmenter(
-            "sam2",
-            mode="auto",
-            points_per_side=args.points_per_side,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_thresh,
-            **sam2_common,
-        )
-        descriptions[amg_name] = generator.describe()
-        policy = get_policy(args.policy)
-        for index, path in enumerate(images):
-            image = load_image(path)
+    amg_rois: list[np.ndarray | None] = []
+    reused = 0
+    for index, path in enumerate(images):
+        image = load_image(path)
+        record_path, masks_path = cache / f"image{index:02d}.json", cache / f"image{index:02d}.npz"
+        record = json.loads(record_path.read_text()) if record_path.is_file() and masks_path.is_file() else None
+        if record is not None and record["image"] == str(path) and record["generator"] == descriptions[amg_name]:
+            masks = np.load(masks_path)["masks"]
+            result = amg_result_from_record(record, masks, image, args.policy)
+            reused += 1
+        else:
             # The steps of Sam2Segmenter.segment in auto mode, spelled out to keep every candidate's full mask.
             started, started_cpu = time.perf_counter(), time.process_time()
             candidates = generator.generator_candidates(image)
             ranked, roi_index = policy.choose(candidates, grayscale_work_image(image))
             result = assemble_result(ranked, roi_index, STORE_RESOLUTION)
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
-            amg_rois.append(result.roi if roi_index is not None else None)
-            saved_masks[f"image{index}"] = np.stack([c.mask.numpy() for c in ranked]) if ranked else np.zeros(
-                (0, STORE_RESOLUTION, STORE_RESOLUTION), bool
-            )
-            per_image[amg_name].append(
-                {
-                    "image": str(path),
-                    "size": list(image.shape[:2]),
-                    "seconds": seconds,
-                    "cpu_seconds": cpu_seconds,
-                    "candidates": [{k: info[k] for k in ("score", "stability", "source")} for info in result.masks],
-                    "roi_found": roi_index is not None,
-                }
-            )
+            masks = np.stack([c.mask.numpy() for c in ranked]) if ranked else np.zeros((0, STORE_RESOLUTION, STORE_RESOLUTION), bool)
+            record = {
+                "image": str(path),
+                "size": list(image.shape[:2]),
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "candidates": [{k: info[k] for k in ("score", "stability", "source")} for info in result.masks],
+                "generator": descriptions[amg_name],
+                "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            np.savez_compressed(masks_path, masks=masks)
+            record_path.write_text(json.dumps(record))
             print(f"[generator] {index + 1}/{len(images)} {path.name}: {seconds:.1f} s ({cpu_seconds:.1f} s CPU), "
                   f"{len(result.masks)} masks", flush=True)
-    else:
-        descriptions[amg_name] = reused["segmenters"][amg_name]
-        for index, (path, record) in enumerate(zip(images, reused["per_image"][amg_name])):
-            masks = reused_masks[f"image{index}"]
-            saved_masks[f"image{index}"] = masks
-            result = amg_result_from_record(record, masks, load_image(path), args.policy)
-            amg_rois.append(result.roi if result.roi_index is not None else None)
-            per_image[amg_name].append(record)
+        amg_rois.append(result.roi if result.roi_index is not None else None)
+        per_image[amg_name].append({k: v for k, v in record.items() if k != "generator"})
+    if reused:
+        print(f"[generator] {reused} of {len(images)} images reused from {cache} (their seconds as measured then)")
 
     for name, build in modes.items():
         segmenter = build()
@@ -212,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         defined = [r["roi_iou"] for r in records if name != amg_name and r["roi_iou"] is not None]
         rows.append(
             {
-                "mode": name + (" (reused)" if reused is not None and name == amg_name else ""),
+                "mode": name,
                 "seconds_mean": float(np.mean(seconds)),
                 "seconds_median": float(np.median(seconds)),
                 "cpu_seconds_mean": float(np.mean([r["cpu_seconds"] for r in records])),
@@ -226,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": args.threads},
         "images": [str(p) for p in images],
+        "generator_records_reused": reused,
         "summary": rows,
         "segmenters": descriptions,
         "per_image": per_image,
@@ -235,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    if reused is None:
-        np.savez_compressed(args.out.with_suffix(".npz"), **saved_masks)
     print(table)
     print(f"\nwritten {args.out}")
     return 0
