@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
+
+from medfocus.pipeline.images import file_sha256  # noqa: F401  (one sha256 helper; factory and weights use it from here)
 
 RANDOM_INIT = "random-init"
 # Random-init weights come from this seed, so two runs of a random-init encoder agree (and may share a cache key).
@@ -101,11 +101,4 @@ def to_normalised_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
