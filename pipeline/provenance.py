@@ -23,5 +23,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def is_random_init(weights_source: str) -> bool:
-    return RANDOM_INIT in str(weights_source)
+def is_random_init(weights_source: str | None) -> bool:
+    """True when a weights source says random-init, or says nothing: an unknown source is never shown as pretrained."""
+    return not str(weights_source or "").strip() or RANDOM_INIT in str(weights_source)

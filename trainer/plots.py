@@ -12,13 +12,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medfocus.pipeline.provenance import is_random_init
+
 RANDOM_INIT_WARNING = "RANDOM-INIT ENCODER (no pretrained weights) — not real results"
-
-
-def is_random_init(weights_source: str | None) -> bool:
-    """True when the encoder's weights source says it was not pretrained."""
-    text = str(weights_source or "").lower().replace("_", "-").replace(" ", "-")
-    return "random" in text or text in ("none", "")
 
 
 def _save(figure: Figure, path: str | Path) -> Path:

@@ -96,7 +96,7 @@ def letterbox(image: np.ndarray, size: int, resample: Image.Resampling) -> np.nd
 
 def to_normalised_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(S, S, 3) uint8 -> (3, S, S) float32 ``(x / 255 - mean) / std``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    tensor = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).div_(255.0)  # a copy: inputs may be read-only
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
