@@ -131,6 +131,7 @@ def segment(
     sam2_model: Optional[str] = typer.Option(None, "--sam2-model", help="tiny | small | base_plus | large"),
     sam2_checkpoint: Optional[str] = typer.Option(None, "--sam2-checkpoint", help="Local checkpoint path, or 'auto' (Hugging Face hub cache)."),
     sam2_mode: Optional[str] = typer.Option(None, "--sam2-mode", help="auto (the paper's automatic mask generator) or prompted (fast)."),
+    sam2_image_size: Optional[int] = typer.Option(None, "--sam2-image-size", help="Prompted mode's input side (multiple of 32, 256-1024; 512 is fast on CPU)."),
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     store_root: Optional[str] = StoreRootOption,
@@ -144,7 +145,8 @@ def segment(
     def action() -> dict:
         params = _load(params_file, {
             "segment.backend": backend, "segment.policy": policy, "segment.sam2_model": sam2_model,
-            "segment.sam2_checkpoint": sam2_checkpoint, "segment.sam2_mode": sam2_mode, "segment.scheduler": scheduler,
+            "segment.sam2_checkpoint": sam2_checkpoint, "segment.sam2_mode": sam2_mode,
+            "segment.sam2_image_size": sam2_image_size, "segment.scheduler": scheduler,
             "segment.workers": workers, "segment.store_root": store_root,
         })
         spec, paths = _dataset(dataset, root, params, cache_dir)

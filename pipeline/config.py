@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfocus.trainer.config import TrainConfig
 
@@ -93,9 +93,17 @@ class SegmentParams(ParallelParams):
     sam2_model: Literal["tiny", "small", "base_plus", "large"] = "tiny"
     sam2_checkpoint: str = Field(default="auto", description="Local .pt path, or 'auto' = the Hugging Face hub cache (downloads on a connected machine).")
     sam2_mode: Literal["auto", "prompted"] = Field(default="prompted", description="auto = the paper's automatic mask generator; prompted = fast ROI mode.")
+    sam2_image_size: int = Field(default=1024, ge=256, le=1024, multiple_of=32, description="SAM2 input side in prompted mode; 512 is the fast CPU setting (benchmarks/README.md).")
     points_per_side: int = Field(default=32, ge=2, le=128, description="Point grid of SAM2's automatic mask generator.")
     allow_random_init: bool = Field(default=False, description="Build the segmenter without weights when none can be had (tests only; marked random-init).")
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _generator_at_native_size(self) -> "SegmentParams":
+        if self.sam2_mode == "auto" and self.sam2_image_size != 1024:
+            raise ValueError(f"sam2_image_size {self.sam2_image_size} needs sam2_mode 'prompted': the automatic mask "
+                             "generator runs at SAM2's native 1024")
+        return self
 
 
 class FeaturesParams(ParallelParams):

@@ -49,7 +49,8 @@ def segmenter_options(settings: SegmentParams, dataset: str) -> dict:
     }
     if settings.backend == "sam2":
         options |= {"model_size": settings.sam2_model, "checkpoint": settings.sam2_checkpoint,
-                    "mode": settings.sam2_mode, "points_per_side": settings.points_per_side}
+                    "mode": settings.sam2_mode, "points_per_side": settings.points_per_side,
+                    "image_size": settings.sam2_image_size}
     return options
 
 

@@ -32,6 +32,7 @@ def test_unknown_key_is_named(tmp_path):
         ("segment:\n  scheduler: carrier-pigeon\n", "segment.scheduler", "carrier-pigeon"),
         ("prepare:\n  fractions: [0.05, 2]\n", "prepare.fractions", "2"),
         ("segment:\n  chunk_size: zero\n", "segment.chunk_size", "zero"),
+        ("segment:\n  sam2_image_size: 500\n", "segment.sam2_image_size", "500"),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path, yaml_text, key, value):
@@ -40,6 +41,15 @@ def test_bad_values_name_key_and_value(tmp_path, yaml_text, key, value):
     with pytest.raises(ConfigError) as caught:
         load_params(path)
     assert key in str(caught.value) and value in str(caught.value)
+
+
+def test_sam2_input_size_reaches_the_segmenter_and_the_generator_keeps_its_native_size():
+    from medfocus.stages.segment import segmenter_options
+
+    params = parse_params({"segment": {"backend": "sam2", "sam2_image_size": 512}})
+    assert segmenter_options(params.segment, "covid")["image_size"] == 512
+    with pytest.raises(ConfigError, match="sam2_image_size 512 needs sam2_mode 'prompted'"):
+        parse_params({"segment": {"backend": "sam2", "sam2_mode": "auto", "sam2_image_size": 512}})
 
 
 def test_overrides_win_and_are_validated():
