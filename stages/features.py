@@ -12,6 +12,7 @@ The encoder's weights are resolved once, by the driver; every worker rebuilds th
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -154,31 +155,50 @@ def _encode_chunk(items: list[WorkItem], context: dict) -> list[Outcome]:
     masks = ImageStore(context["mask_store_url"], read_only=True) if context["mask_store_url"] else None
     mode, params, dtype = context["mode"], context["params"], np.dtype(context["dtype"])
     outcomes: list[Outcome] = []
-    for start in range(0, len(items), context["batch_size"]):
-        batch_items, tensors, weights = [], [], []
-        for item in items[start : start + context["batch_size"]]:
+    # Zarr writes mostly wait on storage: one writer thread stores batch n while batch n + 1 is read and encoded.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for start in range(0, len(items), context["batch_size"]):
+            batch_items, tensors, weights = [], [], []
+            for item in items[start : start + context["batch_size"]]:
+                try:
+                    image = load_manifest_image(item)
+                    roi, labels = read_masks(masks, item.hash) if masks is not None else (None, None)
+                    steered, patch_weights = steer(image, roi, labels, mode, params, encoder.grid)
+                    tensors.append(encoder.preprocess(steered))
+                    weights.append(patch_weights)
+                    batch_items.append(item)
+                except Exception as error:  # this image fails; the batch goes on
+                    outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
+            if not batch_items:
+                continue
             try:
-                image = load_manifest_image(item)
-                roi, labels = read_masks(masks, item.hash) if masks is not None else (None, None)
-                steered, patch_weights = steer(image, roi, labels, mode, params, encoder.grid)
-                tensors.append(encoder.preprocess(steered))
-                weights.append(patch_weights)
-                batch_items.append(item)
-            except Exception as error:  # this image fails; the batch goes on
-                outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
-        if not batch_items:
-            continue
+                encoded = encode_steered(encoder, torch.stack(tensors), np.stack(weights), mode, params)
+            except Exception as error:
+                outcomes.extend(Outcome(i.hash, i.path, False, f"{type(error).__name__}: {error}") for i in batch_items)
+                continue
+            if pending is not None:
+                outcomes.extend(pending.result())
+            pending = writer.submit(_write_batch, store, batch_items, *encoded, weights, dtype)
+        if pending is not None:
+            outcomes.extend(pending.result())
+    return outcomes
+
+
+def _write_batch(store: ImageStore, items: list[WorkItem], global_embedding: np.ndarray, patch_tokens: np.ndarray,
+                 weights: list[np.ndarray], dtype: np.dtype) -> list[Outcome]:
+    """Store each encoded image (its completion flag last); an image whose write fails is reported, the rest go on."""
+    outcomes = []
+    for index, item in enumerate(items):
         try:
-            global_embedding, patch_tokens = encode_steered(encoder, torch.stack(tensors), np.stack(weights), mode, params)
-            for index, item in enumerate(batch_items):
-                store.write_image(item.hash, {
-                    "global": global_embedding[index].astype(dtype),
-                    "patches": patch_tokens[index].astype(dtype),
-                    "roi_weights": weights[index].astype(np.float32),
-                })
-                outcomes.append(Outcome(item.hash, item.path, True))
+            store.write_image(item.hash, {
+                "global": global_embedding[index].astype(dtype),
+                "patches": patch_tokens[index].astype(dtype),
+                "roi_weights": weights[index].astype(np.float32),
+            })
+            outcomes.append(Outcome(item.hash, item.path, True))
         except Exception as error:
-            outcomes.extend(Outcome(i.hash, i.path, False, f"{type(error).__name__}: {error}") for i in batch_items)
+            outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
     return outcomes
 
 
