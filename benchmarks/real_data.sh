@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The accuracy tables of benchmarks/README.md: the paper's protocol (5 fractions x 5 seeds, every method) on the real
 # data in ../shared/datasets, with the two offline encoders. Outputs go to cache-real/ (git-ignored).
-#   bash benchmarks/real_data.sh [dataset ...]     datasets: covid breast_cancer brain_tumor (default: all three)
-# brain_tumor and breast_cancer are stratified subsets (see subset_csv) so the whole run fits in about an hour on 2 CPU cores.
+#   [ENCODERS="clip litemedsam"] bash benchmarks/real_data.sh [dataset ...]   datasets: covid breast_cancer brain_tumor (default: all)
+# brain_tumor and breast_cancer are stratified subsets (40 and 100 images per class, see subset_csv), so the whole run fits
+# in about two hours on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
@@ -31,7 +32,7 @@ root_of() {
   case "$1" in
     covid) echo "$SHARED/covid" ;;
     breast_cancer) subset_csv "$SHARED/breast_ultrasound" 100 cache-real/breast_cancer.csv >&2; echo cache-real/breast_cancer.csv ;;
-    brain_tumor) subset_csv "$SHARED/brain_tumor/train" 75 cache-real/brain_tumor.csv >&2; echo cache-real/brain_tumor.csv ;;
+    brain_tumor) subset_csv "$SHARED/brain_tumor/train" 40 cache-real/brain_tumor.csv >&2; echo cache-real/brain_tumor.csv ;;
   esac
 }
 
@@ -39,7 +40,7 @@ datasets=("$@")
 [ ${#datasets[@]} -gt 0 ] || datasets=(covid breast_cancer brain_tumor)
 for dataset in "${datasets[@]}"; do
   root=$(root_of "$dataset")
-  for encoder in clip litemedsam; do
+  for encoder in ${ENCODERS:-clip litemedsam}; do
     # One cache folder per encoder (its own summaries), one store root for both (the masks are computed once).
     options=(-d "$dataset" --root "$root" --params "benchmarks/params/real_$encoder.yaml" --cache-dir "cache-real/$encoder")
     medfocus prepare "${options[@]}" -q

@@ -1,0 +1,56 @@
+"""Markdown accuracy table (mean ± std over seeds, %) of one or more ``metrics.json`` files, as in benchmarks/README.md.
+
+One row per (encoder weights, method, ROI mode), one column per training fraction, and the paper's numbers at 5 % for
+the dataset beside them. Every row names its encoder and weights source, so a random-init row can never pass as real.
+
+    python benchmarks/accuracy_table.py cache-real/clip/covid/metrics.json cache-real/litemedsam/covid/metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medfocus.stages.evaluate import PAPER_RESULTS_AT_5_PERCENT
+
+
+def encoder_label(metrics: dict) -> str:
+    return "/".join(sorted({entry["encoder_model"] for entry in metrics["features"].values()}))
+
+
+def table(paths: list[Path]) -> str:
+    loaded = [json.loads(path.read_text()) for path in paths]
+    fractions = sorted({r["fraction"] for m in loaded for r in m["results"] if r["fraction"] is not None})
+    header = "| encoder (weights) | method | ROI mode | " + " | ".join(f"{f * 100:g} %" for f in fractions) + " |"
+    lines = [header, "|" + "---|" * (3 + len(fractions))]
+    for metrics in loaded:
+        cells: dict[tuple[str, str], dict[float, str]] = {}
+        for row in metrics["results"]:
+            if row["fraction"] is None:
+                continue
+            cells.setdefault((row["method"], row["mode"]), {})[row["fraction"]] = (
+                f"{row['accuracy']:.1f} ± {row['accuracy_std']:.1f}"
+            )
+        label = f"{encoder_label(metrics)} ({metrics['weights_source']})"
+        for (method, mode), by_fraction in sorted(cells.items()):
+            values = " | ".join(by_fraction.get(f, "-") for f in fractions)
+            lines.append(f"| {label} | {method} | {mode} | {values} |")
+    dataset = loaded[0]["dataset"]
+    paper = PAPER_RESULTS_AT_5_PERCENT.get(dataset)
+    if paper:
+        for name, value in paper.items():
+            lines.append(f"| paper, pretrained CLIP | {name} | - | {value:.2f} |" + " - |" * (len(fractions) - 1))
+    tests = ", ".join(sorted({str(m["test_images"]) for m in loaded}))
+    return f"{dataset}: {tests} test images\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", type=Path, nargs="+")
+    print(table(parser.parse_args(argv).metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
