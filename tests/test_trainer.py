@@ -22,6 +22,7 @@ from medfocus.trainer import (
     MethodUnavailableError,
     ModelMismatchError,
     TrainConfig,
+    ROI_VIEW_METHODS,
     aggregate,
     compute_metrics,
     contrastive_loss,
@@ -31,6 +32,7 @@ from medfocus.trainer import (
     plot_accuracy_vs_fraction,
     plot_attention_overlay,
     plot_confusion_matrix,
+    stratified_folds,
     synthetic_task,
     validation_split,
     write_runs_csv,
@@ -42,8 +44,9 @@ FAST = TrainConfig(epochs=40)
 
 @pytest.fixture(scope="module")
 def task():
-    """60 training and 90 test images, 3 classes, D=32, L=16; only ROI patches carry the class."""
-    pool, text = synthetic_task(150, num_classes=3, embed_dim=32, num_patches=16, roi_patches=3, signal=0.6, seed=0)
+    """60 training and 90 test images, 3 classes, D=32, L=16; only ROI patches (and the ROI view) carry the class."""
+    pool, text = synthetic_task(150, num_classes=3, embed_dim=32, num_patches=16, roi_patches=3, signal=0.6, seed=0,
+                                roi_view_signal=0.6)
     return pool.subset(range(60)), pool.subset(range(60, 150)), text
 
 
@@ -199,6 +202,82 @@ def test_text_free_encoder(task):
         fit("clip_fewshot", missing_class, no_text, FAST, seed=0)
 
 
+# --- medfocus_dual: whole image and ROI view behind a gate ------------------------------------------------------
+
+
+def _dual_task(seed: int, global_signal: float, roi_view_signal: float):
+    pool, text = synthetic_task(150, num_classes=3, embed_dim=32, num_patches=16, roi_patches=3, signal=0.6, seed=seed,
+                                global_signal=global_signal, roi_view_signal=roi_view_signal)
+    return pool.subset(range(60)), pool.subset(range(60, 150)), text
+
+
+def test_dual_view_uses_an_roi_view_that_carries_the_class():
+    train, test, text = _dual_task(seed=0, global_signal=0.0, roi_view_signal=0.6)
+    for class_text in (text, ClassText(text.class_names, None)):
+        dual = fit("medfocus_dual", train, class_text, FAST, seed=0)
+        whole_only = accuracy(fit("clip_fewshot", train, class_text, FAST, seed=0), test)
+        assert accuracy(dual, test) > whole_only + 0.3, (accuracy(dual, test), whole_only)
+        assert dual.fit_info["out_of_fold"]["gate_mean"] > 0.5
+        assert dual.fit_info["hyperparameter_source"].startswith("gate fitted on out-of-fold predictions")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dual_view_keeps_the_whole_image_when_the_roi_view_missed(seed):
+    train, test, text = _dual_task(seed=seed, global_signal=0.3, roi_view_signal=0.0)
+    dual = fit("medfocus_dual", train, text, FAST, seed=seed)
+    whole_only = accuracy(fit("clip_fewshot", train, text, FAST, seed=seed), test)
+    assert whole_only > 0.6  # the comparison below is against a whole-image head that works
+    assert abs(accuracy(dual, test) - whole_only) <= 0.03, (accuracy(dual, test), whole_only)
+    assert dual.fit_info["out_of_fold"]["gate_mean"] < 0.05
+
+
+def test_dual_view_needs_the_roi_view(task):
+    train, test, text = task
+    assert ROI_VIEW_METHODS == ("medfocus_dual",)
+    without_view = FeatureSet(train.global_emb, train.patch_tokens, train.roi_weights, train.labels, train.hashes)
+    with pytest.raises(MethodUnavailableError, match="roi_global.*'dual'"):
+        fit("medfocus_dual", without_view, text, FAST, seed=0)
+    model = fit("medfocus_dual", train, text, FAST, seed=0)
+    with pytest.raises(FeatureMismatchError, match="no ROI view"):
+        model.predict_proba(FeatureSet(test.global_emb, test.patch_tokens, test.roi_weights, test.labels, test.hashes))
+    # Other methods ignore the ROI view: the same predictions with and without it.
+    probe = fit("linear_probe", train, text, FAST, seed=0)
+    assert torch.equal(probe.predict_proba(test), fit("linear_probe", without_view, text, FAST, seed=0).predict_proba(test))
+
+
+def test_dual_view_falls_back_to_the_whole_image_without_an_roi(task):
+    train, test, text = task
+    model = fit("medfocus_dual", train, text, FAST, seed=0)
+    no_roi = FeatureSet(test.global_emb, test.patch_tokens, torch.zeros_like(test.roi_weights), test.labels, test.hashes, test.roi_global)
+    inputs = model.inputs(no_roi)
+    assert torch.equal(model.head.gate(inputs), torch.zeros(len(test)))
+    assert torch.equal(model.predict_logits(no_roi), model.head.whole(inputs))
+    assert float(model.head.gate(model.inputs(test)).mean()) > 0.5  # with the ROI it leans on the ROI view
+
+
+def test_dual_view_without_folds_uses_the_default_gate_and_round_trips(task, tmp_path):
+    train, test, text = task
+    one_per_class = train.subset(torch.cat([(train.labels == c).nonzero().flatten()[:1] for c in range(3)]))
+    small = fit("medfocus_dual", one_per_class, text, FAST, seed=0)
+    assert small.fit_info["hyperparameter_source"] == "fixed default gate 0.0 (subset too small for out-of-fold gate fitting: a class has 1 < 2 images)"
+    assert torch.equal(small.head.gate(small.inputs(test)), torch.zeros(len(test)))
+    half = fit("medfocus_dual", one_per_class, text, TrainConfig(epochs=40, dual_gate_default=0.5), seed=0)
+    assert torch.allclose(half.head.gate(half.inputs(test)), torch.full((len(test),), 0.5))
+
+    model = fit("medfocus_dual", train, text, FAST, seed=0)
+    loaded = FittedModel.load(model.save(tmp_path / "dual.pt", extra_meta={"mode": "dual"}), expect={"mode": "dual"})
+    assert loaded.method == "medfocus_dual"
+    assert torch.equal(loaded.predict_proba(test), model.predict_proba(test))
+
+
+def test_stratified_folds_cover_every_image_once():
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 5)
+    folds = stratified_folds(labels, 3, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(15))
+    assert all(torch.bincount(labels[fold], minlength=3).min() >= 1 for fold in folds)
+    assert stratified_folds(labels, 4, seed=0) == "subset too small for 4 folds: class 1 has 3 < 4 images"
+
+
 # --- inputs, saving, refusing -------------------------------------------------------------------------------------
 
 
@@ -212,6 +291,9 @@ def test_feature_set_checks_shapes_and_subsets(task):
     assert half.global_emb.dtype == torch.float32
     picked = train.subset([5, 2])
     assert picked.hashes == [train.hashes[5], train.hashes[2]] and torch.equal(picked.labels, train.labels[[5, 2]])
+    assert torch.equal(picked.roi_global, train.roi_global[[5, 2]])
+    with pytest.raises(FeatureMismatchError, match="roi_global must be"):
+        FeatureSet(train.global_emb, train.patch_tokens, train.roi_weights, train.labels, train.hashes, train.roi_global[:, :8])
 
 
 def test_text_of_another_encoder_is_refused(task):

@@ -4,10 +4,11 @@ The trainer works on in-memory tensors (:class:`FeatureSet`, :class:`ClassText`)
 """
 
 from .config import TrainConfig
-from .data import ClassText, FeatureMismatchError, FeatureSet, validation_split
+from .data import ClassText, FeatureMismatchError, FeatureSet, stratified_folds, validation_split
 from .losses import contrastive_loss, medfocus_loss
 from .methods import (
     METHODS,
+    ROI_VIEW_METHODS,
     TEXT_FREE_METHODS,
     FittedModel,
     MethodUnavailableError,
@@ -21,6 +22,7 @@ from .synthetic import synthetic_task
 
 __all__ = [
     "METHODS",
+    "ROI_VIEW_METHODS",
     "TEXT_FREE_METHODS",
     "ClassText",
     "FeatureMismatchError",
@@ -38,6 +40,7 @@ __all__ = [
     "plot_accuracy_vs_fraction",
     "plot_attention_overlay",
     "plot_confusion_matrix",
+    "stratified_folds",
     "synthetic_task",
     "validation_split",
     "write_runs_csv",

@@ -50,6 +50,20 @@ class TrainConfig(BaseModel):
     )
     learn_roi_bias: bool = Field(default=True, description="Learn the ROI bias strength per head (initialised at roi_bias_strength).")
 
+    # Dual-view head (medfocus_dual): the gate between the whole-image and the ROI branch is fitted on out-of-fold predictions.
+    dual_folds: int = Field(
+        default=5, ge=2,
+        description="medfocus_dual: folds of the out-of-fold predictions its gate is fitted on (fewer when the smallest class has fewer images).",
+    )
+    dual_gate_l2: float = Field(
+        default=0.1, ge=0.0,
+        description="medfocus_dual: L2 penalty on the gate's per-image slope (0 lets the per-image term grow freely; the gate bias is not penalised).",
+    )
+    dual_gate_default: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="medfocus_dual: weight of the ROI branch when some class has < 2 training images (no folds to fit the gate on); 0 = whole image only.",
+    )
+
     # Hyperparameter choice of the baselines: on a validation part of the training subset, never on the test set.
     val_fraction: float = Field(default=0.25, gt=0.0, lt=1.0, description="Share of each class held out of the training subset to choose baseline hyperparameters.")
     val_min_per_class: int = Field(

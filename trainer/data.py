@@ -27,18 +27,25 @@ def _as_float32(name: str, value: Tensor) -> Tensor:
 
 @dataclass
 class FeatureSet:
-    """Cached features of N images: CLIP global embedding, patch tokens and the ROI share of each patch."""
+    """Cached features of N images: CLIP global embedding, patch tokens and the ROI share of each patch.
+
+    ``roi_global`` is the embedding of the ROI view of each image (an ROI crop or ROI-pooled embedding by the same
+    encoder), present only in feature stores of the ``dual`` mode; methods other than ``medfocus_dual`` ignore it.
+    """
 
     global_emb: Tensor  # (N, D)
     patch_tokens: Tensor  # (N, L, D)
     roi_weights: Tensor  # (N, L) in [0, 1]; all zeros when an image has no ROI
     labels: Tensor  # (N,) long
     hashes: list[str]
+    roi_global: Tensor | None = None  # (N, D) or None
 
     def __post_init__(self) -> None:
         self.global_emb = _as_float32("global_emb", self.global_emb)
         self.patch_tokens = _as_float32("patch_tokens", self.patch_tokens)
         self.roi_weights = _as_float32("roi_weights", self.roi_weights)
+        if self.roi_global is not None:
+            self.roi_global = _as_float32("roi_global", self.roi_global)
         self.labels = torch.as_tensor(self.labels).to(device="cpu", dtype=torch.long)
         self.hashes = list(self.hashes)
         if self.global_emb.ndim != 2:
@@ -49,6 +56,8 @@ class FeatureSet:
         length = self.patch_tokens.shape[1]
         if tuple(self.roi_weights.shape) != (n, length):
             raise FeatureMismatchError(f"roi_weights must be (N={n}, L={length}), got shape {tuple(self.roi_weights.shape)}")
+        if self.roi_global is not None and tuple(self.roi_global.shape) != (n, d):
+            raise FeatureMismatchError(f"roi_global must be (N={n}, D={d}), got shape {tuple(self.roi_global.shape)}")
         if tuple(self.labels.shape) != (n,):
             raise FeatureMismatchError(f"labels must be (N={n},), got shape {tuple(self.labels.shape)}")
         if len(self.hashes) != n:
@@ -79,6 +88,7 @@ class FeatureSet:
             roi_weights=self.roi_weights[index],
             labels=self.labels[index],
             hashes=[self.hashes[i] for i in index.tolist()],
+            roi_global=None if self.roi_global is None else self.roi_global[index],
         )
 
 
@@ -129,6 +139,28 @@ def check_compatible(features: FeatureSet, text: ClassText) -> None:
             f"image features are {features.embed_dim}-d but the class text embeddings are {text.embeddings.shape[-1]}-d: "
             "they come from different encoders"
         )
+
+
+def stratified_folds(labels: Tensor, folds: int, seed: int) -> list[Tensor] | str:
+    """``folds`` disjoint, stratified index sets covering every image once (for out-of-fold predictions), or the
+    reason there are none: each class must have at least ``folds`` images so that every fold has one of each."""
+    labels = labels.to(torch.long)
+    if len(labels) == 0:
+        return "empty training subset"
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    classes, counts = torch.unique(labels, return_counts=True)
+    smallest = int(counts.min())
+    if smallest < folds:
+        name = int(classes[counts.argmin()])
+        return f"subset too small for {folds} folds: class {name} has {smallest} < {folds} images"
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(folds)]
+    for cls, count in zip(classes.tolist(), counts.tolist()):
+        members = (labels == cls).nonzero().flatten().numpy()
+        for fold, chunk in enumerate(np.array_split(members[rng.permutation(count)], folds)):
+            parts[fold].append(chunk)
+    return [torch.from_numpy(np.sort(np.concatenate(chunks))) for chunks in parts]
 
 
 def validation_split(labels: Tensor, val_fraction: float, min_per_class: int, seed: int) -> tuple[Tensor, Tensor] | str:

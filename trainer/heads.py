@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import FeatureSet
+from .data import FeatureMismatchError, FeatureSet
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on a learned logit scale
 
@@ -24,20 +24,33 @@ class HeadInputs:
     image: Tensor  # (N, D) normalised global embeddings
     patches: Tensor | None  # (N, L, D) normalised patch tokens; None for heads that ignore them
     roi: Tensor | None  # (N, L)
+    roi_view: Tensor | None = None  # (N, D) normalised ROI-view embeddings; None for heads that ignore them
+    has_roi: Tensor | None = None  # (N,) bool: the image has an ROI at all (some roi weight > 0)
 
     @classmethod
-    def from_features(cls, features: FeatureSet, with_patches: bool) -> "HeadInputs":
+    def from_features(cls, features: FeatureSet, with_patches: bool, with_roi_view: bool = False) -> "HeadInputs":
         image = F.normalize(features.global_emb, dim=-1)
-        if not with_patches:
-            return cls(image=image, patches=None, roi=None)
-        return cls(image=image, patches=F.normalize(features.patch_tokens, dim=-1), roi=features.roi_weights)
+        patches = F.normalize(features.patch_tokens, dim=-1) if with_patches else None
+        roi = features.roi_weights if with_patches else None
+        if not with_roi_view:
+            return cls(image=image, patches=patches, roi=roi)
+        if features.roi_global is None:
+            raise FeatureMismatchError("these features have no ROI view (roi_global): they come from a store of another mode than 'dual'")
+        return cls(image=image, patches=patches, roi=roi, roi_view=F.normalize(features.roi_global, dim=-1),
+                   has_roi=features.roi_weights.amax(dim=1) > 0)
 
     def take(self, index: Tensor) -> "HeadInputs":
-        return HeadInputs(
-            image=self.image[index],
-            patches=None if self.patches is None else self.patches[index],
-            roi=None if self.roi is None else self.roi[index],
-        )
+        def pick(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value[index]
+
+        return HeadInputs(image=self.image[index], patches=pick(self.patches), roi=pick(self.roi),
+                          roi_view=pick(self.roi_view), has_roi=pick(self.has_roi))
+
+    def swap_views(self) -> "HeadInputs":
+        """The ROI view in the place of the whole image, so a whole-image head can be trained on the ROI view."""
+        if self.roi_view is None:
+            raise FeatureMismatchError("no ROI view to swap in")
+        return HeadInputs(image=self.roi_view, patches=None, roi=None)
 
 
 def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
@@ -52,6 +65,7 @@ class CosineClassifierHead(nn.Module):
     """
 
     uses_patches = False
+    uses_roi_view = False
 
     def __init__(self, embed_dim: int, num_classes: int, logit_scale: float, trainable: bool, learn_logit_scale: bool = False):
         super().__init__()
@@ -73,6 +87,7 @@ class LinearProbeHead(nn.Module):
     """Multinomial logistic regression on normalised global embeddings."""
 
     uses_patches = False
+    uses_roi_view = False
 
     def __init__(self, embed_dim: int, num_classes: int):
         super().__init__()
@@ -91,6 +106,7 @@ class TipAdapterHead(nn.Module):
     """
 
     uses_patches = False
+    uses_roi_view = False
 
     def __init__(self, embed_dim: int, num_classes: int, cache_size: int, logit_scale: float, trainable_keys: bool):
         super().__init__()
@@ -133,6 +149,7 @@ class FusionHead(nn.Module):
     """
 
     uses_patches = True
+    uses_roi_view = False
 
     def __init__(
         self,
@@ -205,11 +222,72 @@ class FusionHead(nn.Module):
         return self.logit_scale() * fused @ F.normalize(self.class_embeddings, dim=-1).T
 
 
+def top_two_margin(cosines: Tensor) -> Tensor:
+    """(N,) gap between the best and the second-best class cosine: how decisively a branch picks its class."""
+    top = cosines.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+class DualViewHead(nn.Module):
+    """Whole image and ROI view side by side, blended per image by a gate (medfocus_dual).
+
+    Two cosine branches, each the few-shot CLIP head of its view: ``whole`` on the whole-image embedding, ``roi`` on
+    the ROI view's embedding. Their logits are blended per image,
+
+        logits = (1 − γ(x)) · s_w·cos(ĝ, E_whole) + γ(x) · s_r·cos(r̂, E_roi),
+        γ(x) = sigmoid(gate_bias + gate_slope · (margin_roi(x) − margin_whole(x)) / margin_scale),
+
+    where a margin is the gap between a branch's two best class cosines: the gate can lean on the ROI branch for the
+    images where it is the more decisive one. An image without an ROI (all roi weights 0) gets γ = 0. γ ≡ 0, the
+    whole-image head alone, is reachable (gate_bias = −inf). The gate is not trained with the branches (on the training
+    images both branches fit perfectly and it would learn nothing); see ``medfocus_dual`` in methods.py.
+    """
+
+    uses_patches = False
+    uses_roi_view = True
+
+    def __init__(self, embed_dim: int, num_classes: int, logit_scale: float, learn_logit_scale: bool):
+        super().__init__()
+        self.architecture = {"embed_dim": embed_dim, "num_classes": num_classes, "logit_scale": logit_scale,
+                             "learn_logit_scale": learn_logit_scale}
+        self.whole = CosineClassifierHead(embed_dim, num_classes, logit_scale, trainable=True, learn_logit_scale=learn_logit_scale)
+        self.roi = CosineClassifierHead(embed_dim, num_classes, logit_scale, trainable=True, learn_logit_scale=learn_logit_scale)
+        self.register_buffer("gate_bias", torch.tensor(float("-inf")))
+        self.register_buffer("gate_slope", torch.tensor(0.0))
+        self.register_buffer("margin_scale", torch.tensor(1.0))
+
+    def branch_logits(self, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
+        """(N, C) logits of the whole-image branch and of the ROI branch."""
+        return self.whole(inputs), self.roi(inputs.swap_views())
+
+    @staticmethod
+    def gate_feature(whole_logits: Tensor, roi_logits: Tensor, whole_scale: Tensor, roi_scale: Tensor) -> Tensor:
+        """(N,) margin of the ROI branch minus margin of the whole-image branch, in cosine units."""
+        return top_two_margin(roi_logits / roi_scale) - top_two_margin(whole_logits / whole_scale)
+
+    @torch.no_grad()
+    def gate(self, inputs: HeadInputs) -> Tensor:
+        """(N,) weight γ of the ROI branch per image."""
+        whole_logits, roi_logits = self.branch_logits(inputs)
+        return self._gate(whole_logits, roi_logits, inputs.has_roi)
+
+    def _gate(self, whole_logits: Tensor, roi_logits: Tensor, has_roi: Tensor) -> Tensor:
+        feature = self.gate_feature(whole_logits, roi_logits, self.whole.logit_scale(), self.roi.logit_scale())
+        gamma = torch.sigmoid(self.gate_bias + self.gate_slope * feature / self.margin_scale)
+        return torch.where(has_roi, gamma, torch.zeros_like(gamma))
+
+    def forward(self, inputs: HeadInputs) -> Tensor:
+        whole_logits, roi_logits = self.branch_logits(inputs)
+        gamma = self._gate(whole_logits, roi_logits, inputs.has_roi)[:, None]
+        return (1.0 - gamma) * whole_logits + gamma * roi_logits
+
+
 HEADS: dict[str, type[nn.Module]] = {
     "cosine": CosineClassifierHead,
     "linear": LinearProbeHead,
     "tip_adapter": TipAdapterHead,
     "fusion": FusionHead,
+    "dual": DualViewHead,
 }
 
 

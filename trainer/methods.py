@@ -14,6 +14,10 @@ Methods (all on the same cached features and splits):
                       medfocus. It should be given features of mode ``none``.
 * ``medfocus``      — the fusion head (:class:`~medfocus.trainer.heads.FusionHead`) on ROI-steered features, loss
                       λ·L_c + (1−λ)·L_e. Its settings are fixed in advance (TrainConfig), not searched.
+* ``medfocus_dual`` — the dual-view head (:class:`~medfocus.trainer.heads.DualViewHead`) on features of mode ``dual``:
+                      a whole-image and an ROI-view branch (each trained like clip_fewshot) blended per image by a
+                      gate fitted on out-of-fold predictions of the training subset, so an ROI view that does not help
+                      gets a gate near 0 (whole image only) and one that helps gets weight. Needs ``roi_global``.
 
 Without class text (an encoder with no text tower), ``zero_shot`` is refused and every other method starts its class
 embeddings from the training-class prototypes (normalised mean global embedding per class).
@@ -24,6 +28,7 @@ seed on the same CPU with the same thread count gives bit-identical probabilitie
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -35,12 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TrainConfig
-from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible, validation_split
-from .heads import CosineClassifierHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
+from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible, stratified_folds, validation_split
+from .heads import CosineClassifierHead, DualViewHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
 from .losses import medfocus_loss
 
-METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus")
+METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus", "medfocus_dual")
 TEXT_FREE_METHODS = tuple(method for method in METHODS if method != "zero_shot")
+ROI_VIEW_METHODS = ("medfocus_dual",)  # need FeatureSet.roi_global (feature stores of mode "dual")
 FILE_FORMAT = "medfocus-trainer-head/1"
 
 
@@ -87,7 +93,7 @@ class FittedModel:
 
     def inputs(self, features: FeatureSet) -> HeadInputs:
         self.check_features(features)
-        return HeadInputs.from_features(features, with_patches=self.head.uses_patches)
+        return HeadInputs.from_features(features, with_patches=self.head.uses_patches, with_roi_view=self.head.uses_roi_view)
 
     @torch.no_grad()
     def predict_logits(self, features: FeatureSet) -> Tensor:
@@ -167,6 +173,7 @@ _HEAD_KIND = {
     "tip_adapter_f": "tip_adapter",
     "clip_fewshot": "cosine",
     "medfocus": "fusion",
+    "medfocus_dual": "dual",
 }
 
 
@@ -191,12 +198,20 @@ def fit(method: str, train: FeatureSet, text: ClassText, config: TrainConfig, se
             "zero_shot needs class prompt embeddings, and this encoder has no text tower (e.g. LiteMedSAM); "
             f"methods that work without text start from class prototypes: {', '.join(TEXT_FREE_METHODS)}"
         )
+    if method in ROI_VIEW_METHODS and train.roi_global is None:
+        raise MethodUnavailableError(
+            f"{method} needs the ROI view of every image (roi_global), which only feature stores of mode 'dual' hold; "
+            "these features have none"
+        )
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    inputs = HeadInputs.from_features(train, with_patches=method == "medfocus")
+    inputs = HeadInputs.from_features(train, with_patches=method == "medfocus", with_roi_view=method in ROI_VIEW_METHODS)
     labels = train.labels
     class_init, init_source = _class_init(text, inputs.image, labels)
-    head, info = _FITTERS[method](inputs, labels, class_init, config, seed, generator)
+    fitter = _FITTERS[method]
+    if method in ROI_VIEW_METHODS:
+        fitter = functools.partial(fitter, text=text)  # each fold starts its class embeddings from its own images
+    head, info = fitter(inputs, labels, class_init, config, seed, generator)
     counts = torch.bincount(labels, minlength=text.num_classes).tolist()
     fit_info = {
         "method": method,
@@ -415,12 +430,19 @@ def _train_with_medfocus_loss(head: nn.Module, inputs: HeadInputs, labels: Tenso
     return {"loss_history": history, "final_loss_components": components}
 
 
-def _fit_clip_fewshot(inputs, labels, class_init, config: TrainConfig, seed, generator):
+def _train_cosine_head(inputs: HeadInputs, labels: Tensor, class_init: Tensor, config: TrainConfig,
+                       generator: torch.Generator) -> tuple[CosineClassifierHead, dict]:
+    """The few-shot CLIP head: class embeddings from ``class_init``, trained on the global embedding with the medfocus loss."""
     num_classes, embed_dim = class_init.shape
     head = CosineClassifierHead(embed_dim, num_classes, 1.0 / config.temperature, trainable=True, learn_logit_scale=config.learn_temperature)
     with torch.no_grad():
         head.class_embeddings.copy_(class_init)
     info = _train_with_medfocus_loss(head, inputs, labels, config, generator, no_decay=list(head.parameters()))
+    return head, info
+
+
+def _fit_clip_fewshot(inputs, labels, class_init, config: TrainConfig, seed, generator):
+    head, info = _train_cosine_head(inputs, labels, class_init, config, generator)
     hyperparameters = {"lambda": config.lambda_, "epochs": config.epochs, "lr": config.lr}
     return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
 
@@ -442,6 +464,107 @@ def _fit_medfocus(inputs, labels, class_init, config: TrainConfig, seed, generat
     return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
 
 
+# --- medfocus_dual -------------------------------------------------------------------------------------------------
+
+
+def _train_branches(inputs: HeadInputs, labels: Tensor, text: ClassText, config: TrainConfig,
+                    generator: torch.Generator) -> tuple[CosineClassifierHead, CosineClassifierHead, dict]:
+    """The whole-image branch and the ROI branch, each the few-shot CLIP head of its view."""
+    roi_inputs = inputs.swap_views()
+    whole, whole_info = _train_cosine_head(inputs, labels, _class_init(text, inputs.image, labels)[0], config, generator)
+    roi, roi_info = _train_cosine_head(roi_inputs, labels, _class_init(text, roi_inputs.image, labels)[0], config, generator)
+    return whole, roi, {"whole": whole_info, "roi": roi_info}
+
+
+def _out_of_fold_logits(inputs: HeadInputs, labels: Tensor, folds: list[Tensor], text: ClassText, config: TrainConfig,
+                        generator: torch.Generator, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits of both branches for every training image from branches that did not see it, and the gate feature."""
+    samples = len(labels)
+    whole_logits, roi_logits, feature = torch.empty(samples, num_classes), torch.empty(samples, num_classes), torch.empty(samples)
+    for held_out in folds:
+        keep = torch.ones(samples, dtype=torch.bool)
+        keep[held_out] = False
+        kept = keep.nonzero().flatten()
+        whole, roi, _ = _train_branches(inputs.take(kept), labels[kept], text, config, generator)
+        held_inputs = inputs.take(held_out)
+        with torch.no_grad():
+            whole_logits[held_out] = whole(held_inputs)
+            roi_logits[held_out] = roi(held_inputs.swap_views())
+            feature[held_out] = DualViewHead.gate_feature(whole_logits[held_out], roi_logits[held_out],
+                                                          whole.logit_scale(), roi.logit_scale())
+    return whole_logits, roi_logits, feature
+
+
+def _fit_gate(whole_logits: Tensor, roi_logits: Tensor, feature: Tensor, has_roi: Tensor, labels: Tensor,
+              l2: float) -> tuple[float, float, float]:
+    """(bias, slope, feature scale) of γ = sigmoid(bias + slope · feature / scale) minimising the cross-entropy of the
+    blended out-of-fold logits + l2 · slope². Images without an ROI keep γ = 0 and do not move the gate.
+
+    The blended logits get a free temperature during this fit: few-shot heads are overconfident out of fold, and
+    without it the cheapest way to soften them is to mix in the other branch, which would let an ROI view that holds
+    nothing buy itself weight by blurring the whole-image logits.
+    """
+    with_roi = feature[has_roi]
+    scale = float(with_roi.std()) if len(with_roi) > 1 and float(with_roi.std()) > 1e-6 else 1.0
+    bias = torch.zeros((), requires_grad=True)
+    slope = torch.zeros((), requires_grad=True)
+    log_temperature = torch.zeros((), requires_grad=True)
+    optimiser = torch.optim.LBFGS([bias, slope, log_temperature], lr=1.0, max_iter=200, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        gamma = torch.where(has_roi, torch.sigmoid(bias + slope * feature / scale), torch.zeros_like(feature))[:, None]
+        blended = (1.0 - gamma) * whole_logits + gamma * roi_logits
+        loss = F.cross_entropy(blended * log_temperature.exp(), labels) + l2 * slope.pow(2)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return float(bias.detach()), float(slope.detach()), scale
+
+
+def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, generator, text: ClassText):
+    num_classes, embed_dim = class_init.shape
+    head = DualViewHead(embed_dim, num_classes, 1.0 / config.temperature, config.learn_temperature)
+    smallest = int(torch.unique(labels, return_counts=True)[1].min())
+    folds = (stratified_folds(labels, min(config.dual_folds, smallest), seed) if smallest >= 2 else
+             f"subset too small for out-of-fold gate fitting: a class has {smallest} < 2 images")
+    info: dict[str, Any] = {}
+    if not bool(inputs.has_roi.any()):
+        bias, slope, scale = float("-inf"), 0.0, 1.0
+        source = "whole image only: no training image has an ROI"
+    elif isinstance(folds, str):
+        default = config.dual_gate_default
+        bias = math.log(default / (1.0 - default)) if 0.0 < default < 1.0 else (float("-inf") if default == 0.0 else float("inf"))
+        slope, scale = 0.0, 1.0
+        source = f"fixed default gate {default} ({folds})"
+    else:
+        whole_logits, roi_logits, feature = _out_of_fold_logits(inputs, labels, folds, text, config, generator, num_classes)
+        bias, slope, scale = _fit_gate(whole_logits, roi_logits, feature, inputs.has_roi, labels, config.dual_gate_l2)
+        gamma = torch.where(inputs.has_roi, torch.sigmoid(bias + slope * feature / scale), torch.zeros_like(feature))
+        blended = (1.0 - gamma[:, None]) * whole_logits + gamma[:, None] * roi_logits
+        info["out_of_fold"] = {
+            "folds": len(folds),
+            "accuracy": {name: float((logits.argmax(dim=1) == labels).float().mean())
+                         for name, logits in (("whole", whole_logits), ("roi", roi_logits), ("blend", blended))},
+            "gate_mean": float(gamma.mean()), "gate_min": float(gamma.min()), "gate_max": float(gamma.max()),
+        }
+        source = f"gate fitted on out-of-fold predictions of the training subset ({len(folds)} folds)"
+    whole, roi, branch_info = _train_branches(inputs, labels, text, config, generator)
+    with torch.no_grad():
+        head.whole.load_state_dict(whole.state_dict())
+        head.roi.load_state_dict(roi.state_dict())
+        head.gate_bias.fill_(bias)
+        head.gate_slope.fill_(slope)
+        head.margin_scale.fill_(scale)
+        final_gate = head.gate(inputs)
+    hyperparameters = {"lambda": config.lambda_, "epochs": config.epochs, "lr": config.lr,
+                       "gate_bias": bias, "gate_slope": slope, "margin_scale": scale}
+    info["train_gate_mean"] = float(final_gate.mean())
+    info["loss_history"] = {name: branch["loss_history"] for name, branch in branch_info.items()}
+    return head, {"hyperparameters": hyperparameters, "hyperparameter_source": source, **info}
+
+
 _FITTERS = {
     "zero_shot": _fit_zero_shot,
     "linear_probe": _fit_linear_probe,
@@ -449,4 +572,5 @@ _FITTERS = {
     "tip_adapter_f": _fit_tip_adapter_f,
     "clip_fewshot": _fit_clip_fewshot,
     "medfocus": _fit_medfocus,
+    "medfocus_dual": _fit_medfocus_dual,
 }
