@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfocus.trainer.config import TrainConfig
+from medfocus.trainer.methods import METHODS, ROI_VIEW_METHODS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -129,25 +130,54 @@ class FeaturesParams(ParallelParams):
         return list(dict.fromkeys(values))
 
 
+# What train/evaluate may name: the trainer's methods, and the feature-store modes (ROI steering modes plus "dual", the
+# whole image with its ROI view, which medfocus_dual needs).
+TrainerMethod = Literal[METHODS]
+FeatureMode = Literal["none", "overlay", "blur", "crop", "attention", "dual"]
+
+
 class TrainParams(TrainConfig):
     """The trainer's hyperparameters (``lambda``, epochs, lr, ...: see medfocus.trainer.TrainConfig) plus what to train."""
 
-    method: str = Field(default="medfocus", description="One of the trainer's methods (medfocus, clip_fewshot, linear_probe, ...).")
-    mode: Literal["none", "overlay", "blur", "crop", "attention"] = Field(default="attention", description="Which feature store (ROI steering mode) to train on.")
+    method: TrainerMethod = Field(default="medfocus", description=f"One of the trainer's methods: {', '.join(METHODS)}.")
+    mode: FeatureMode = Field(default="attention", description="Which feature store (ROI steering mode, or dual) to train on.")
     fraction: float = Field(default=0.05, gt=0.0, le=1.0, description="Training fraction (one of prepare.fractions), unless shots is set.")
     shots: int | None = Field(default=None, ge=1, description="Train on k images per class (one of prepare.shots) instead of a fraction.")
     seed: int = Field(default=0, ge=0, description="Subset seed (one of prepare.subset_seeds) and training seed.")
+
+    @model_validator(mode="after")
+    def _roi_view_method_needs_dual_features(self) -> "TrainParams":
+        if self.method in ROI_VIEW_METHODS and self.mode != "dual":
+            raise ValueError(f"method {self.method} needs the features of mode 'dual' (whole image + ROI view), got mode {self.mode!r}")
+        return self
 
     def trainer_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.model_dump(by_alias=True, include=set(TrainConfig.model_fields)))
 
 
+def _unique_nonempty(values: list, what: str) -> list:
+    if not values:
+        raise ValueError(f"list at least one {what}")
+    return list(dict.fromkeys(values))
+
+
 class EvaluateParams(Section):
-    methods: list[str] = Field(default=["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus"])
-    modes: list[str] = Field(default=["none", "attention"])
+    methods: list[TrainerMethod] = Field(default=["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus"],
+                                         description=f"Methods compared: any of {', '.join(METHODS)}.")
+    modes: list[FeatureMode] = Field(default=["none", "attention"], description="Feature stores compared (ROI steering modes, or dual); all on the same images.")
     fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0])
     shots: list[int] = Field(default_factory=list, description="Also run k-shot subsets (e.g. [1, 2, 4, 8, 16]).")
     seeds: list[int] = Field(default=[0, 1, 2, 3, 4])
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_listed(cls, values: list[str]) -> list[str]:
+        return _unique_nonempty(values, "method")
+
+    @field_validator("modes")
+    @classmethod
+    def _modes_listed(cls, values: list[str]) -> list[str]:
+        return _unique_nonempty(values, "mode")
 
 
 class ReportParams(Section):

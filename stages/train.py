@@ -106,26 +106,40 @@ def _class_text(store: ImageStore, class_names: list[str]) -> ClassText:
     return ClassText(class_names, torch.from_numpy(stacked))
 
 
-def load_cached_features(prepared: PreparedDataset, store: ImageStore) -> CachedFeatures:
-    """Every manifest image that has features in ``store`` (failed images are left out and logged)."""
+ROI_VIEW_ARRAY = "roi_global"  # per-image array of the ROI view's embedding, in stores of mode "dual"
+
+
+def load_cached_features(prepared: PreparedDataset, store: ImageStore, only: set[str] | None = None) -> CachedFeatures:
+    """Every manifest image that has features in ``store`` (failed images are left out and logged), or of those only
+    the images whose hash is in ``only``. The ROI view (``roi_global``) is read when the store holds it."""
     class_index = {name: i for i, name in enumerate(prepared.class_names)}
     done = store.done([e.hash for e in prepared.entries])
     entries = [e for e in prepared.entries if e.hash in done]
     if len(entries) < len(prepared.entries):
         log.warning("%d image(s) of %s have no features in %s and are left out", len(prepared.entries) - len(entries), prepared.name, store.url)
+    if only is not None:
+        entries = [e for e in entries if e.hash in only]
     if not entries:
         raise FeaturesMissingError(f"the feature store {store.url} holds no image of {prepared.name}: run `medfocus features`")
     columns: dict[str, list[np.ndarray]] = {"global": [], "patches": [], "roi_weights": []}
+    first, _ = store.read_image(entries[0].hash)
+    if ROI_VIEW_ARRAY in first:
+        columns[ROI_VIEW_ARRAY] = []
     for entry in entries:
         arrays, _ = store.read_image(entry.hash, tuple(columns))
         for name in columns:
             columns[name].append(arrays[name])
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack(columns[name]).astype(np.float32))
+
     features = FeatureSet(
-        global_emb=torch.from_numpy(np.stack(columns["global"]).astype(np.float32)),
-        patch_tokens=torch.from_numpy(np.stack(columns["patches"]).astype(np.float32)),
-        roi_weights=torch.from_numpy(np.stack(columns["roi_weights"]).astype(np.float32)),
+        global_emb=stacked("global"),
+        patch_tokens=stacked("patches"),
+        roi_weights=stacked("roi_weights"),
         labels=torch.tensor([class_index[e.label] for e in entries]),
         hashes=[e.hash for e in entries],
+        roi_global=stacked(ROI_VIEW_ARRAY) if ROI_VIEW_ARRAY in columns else None,
     )
     attrs = store.attrs
     splits = {split: [i for i, e in enumerate(entries) if e.split == split] for split in ("train", "test")}
