@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from medfocus.trainer import (
     METHODS,
@@ -24,6 +25,7 @@ from medfocus.trainer import (
     TrainConfig,
     ROI_VIEW_METHODS,
     aggregate,
+    bootstrap_accuracy_ci,
     compute_metrics,
     contrastive_loss,
     fit,
@@ -449,27 +451,56 @@ def test_aggregate_mean_and_sample_std_per_group():
         aggregate([_run("medfocus", 0, 0.5), _run("medfocus", 0, 0.7)])
 
 
+def test_bootstrap_interval_of_the_accuracy():
+    rng = np.random.default_rng(0)
+    correct = (rng.random((3, 200)) < 0.7).astype(int)
+    low, high = bootstrap_accuracy_ci(correct)
+    # Three independent runs on 200 images: width ≈ 2·1.96·sqrt(0.7·0.3/(3·200)) ≈ 0.073.
+    assert low < correct.mean() < high and 0.06 < high - low < 0.09
+    assert bootstrap_accuracy_ci(correct) == (low, high)  # seeded
+    wider = bootstrap_accuracy_ci(correct[:, :50])
+    assert wider[1] - wider[0] > high - low
+    assert bootstrap_accuracy_ci(np.ones(20)) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="N > 0"):
+        bootstrap_accuracy_ci(np.zeros((2, 0)))
+
+
+def test_aggregate_adds_the_bootstrap_interval_when_runs_carry_per_image_results():
+    with_images = [_run("medfocus", seed, 0.5) | {"correct": [1, 0] * 10} for seed in (0, 1)]
+    group = aggregate(with_images)["groups"][0]
+    low, high = group["accuracy_ci95"]
+    assert low < 0.5 < high
+    assert aggregate([_run("medfocus", 0, 0.5)])["groups"][0]["accuracy_ci95"] is None
+    with pytest.raises(ValueError, match="different numbers of images"):
+        aggregate([with_images[0], _run("medfocus", 1, 0.5) | {"correct": [1, 0]}])
+
+
 def test_runs_csv_has_one_row_per_run(tmp_path):
     metrics = compute_metrics([0, 1, 1], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], ["a", "b"])
-    runs = [{"method": "medfocus", "mode": "none", "fraction": 0.05, "shots": None, "seed": s, "weights_source": "openai", **metrics}
-            for s in (0, 1)]
+    runs = [{"method": "medfocus", "mode": "none", "fraction": 0.05, "shots": None, "seed": s, "weights_source": "openai", **metrics,
+             "correct": [1, 1, 0]} for s in (0, 1)]
     with write_runs_csv(runs, tmp_path / "runs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and rows[1]["seed"] == "1"
     assert float(rows[0]["accuracy"]) == pytest.approx(2 / 3) and rows[0]["recall[b]"] == "0.5"
     assert rows[0]["confusion_matrix"] == "[[1, 0], [1, 1]]"
+    assert "correct" not in rows[0]  # per-image values stay out of the CSV
 
 
 def test_plots_write_png_files(tmp_path, task):
     runs = [_run(method, seed, 0.4 + 0.1 * seed + fraction / 4, fraction=fraction, source="random-init")
             for method in ("medfocus", "zero_shot") for seed in range(3) for fraction in (0.05, 0.1, 0.2)]
     curve = plot_accuracy_vs_fraction(aggregate(runs), tmp_path / "curve.png", "covid", "random-init")
+    four_modes = [run | {"mode": mode} for run in runs for mode in ("none", "crop", "attention", "dual")]
+    panels = plot_accuracy_vs_fraction(aggregate(four_modes), tmp_path / "panels.png", "covid", "random-init")
+    with Image.open(curve) as one, Image.open(panels) as grid:
+        assert grid.size[0] > one.size[0] and grid.size[1] > one.size[1]  # one panel per mode, 3 per row
     matrix = plot_confusion_matrix([[5, 1], [2, 7]], ["covid", "normal"], tmp_path / "cm.png", "medfocus 5%")
     train, test, text = task
     model = fit("medfocus", train, text, FAST, seed=0)
     attention = fusion_attention(model, test)[0, int(test.labels[0])]
     image = np.random.default_rng(0).integers(0, 255, size=(64, 64), dtype=np.uint8)
     overlay = plot_attention_overlay(image, test.roi_weights[0], attention, tmp_path / "overlay.png", "image 0")
-    for path in (curve, matrix, overlay):
+    for path in (curve, panels, matrix, overlay):
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000

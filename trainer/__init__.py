@@ -16,7 +16,7 @@ from .methods import (
     fit,
     fusion_attention,
 )
-from .metrics import aggregate, compute_metrics, write_runs_csv
+from .metrics import aggregate, bootstrap_accuracy_ci, compute_metrics, write_runs_csv
 from .plots import plot_accuracy_vs_fraction, plot_attention_overlay, plot_confusion_matrix
 from .synthetic import synthetic_task
 
@@ -32,6 +32,7 @@ __all__ = [
     "ModelMismatchError",
     "TrainConfig",
     "aggregate",
+    "bootstrap_accuracy_ci",
     "compute_metrics",
     "contrastive_loss",
     "fit",

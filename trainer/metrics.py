@@ -18,6 +18,10 @@ import numpy as np
 
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr")
 RUN_KEYS = ("method", "mode", "fraction", "shots", "seed", "weights_source")
+PER_IMAGE_KEYS = ("correct",)  # per-test-image values a run may carry for the bootstrap; not written to runs.csv
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
 
 
 def _as_numpy(values) -> np.ndarray:
@@ -94,6 +98,31 @@ def compute_metrics(y_true, proba, class_names: list[str]) -> dict[str, Any]:
     }
 
 
+def bootstrap_accuracy_ci(correct, resamples: int = BOOTSTRAP_RESAMPLES, level: float = CI_LEVEL,
+                          seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the accuracy, resampling the test images.
+
+    ``correct`` is (N,) for one run or (R, N) for R runs on the same N test images (seeds of one setting): each resample
+    draws N images with replacement, the same images for every run, and takes the mean accuracy over runs and images.
+    So the interval is the uncertainty that comes from the finite test set; the std over seeds is the other part.
+    Seeded: the same input gives the same interval.
+    """
+    array = np.asarray(correct, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"correct must be (N,) or (runs, N) with N > 0, got shape {array.shape}")
+    samples = array.shape[1]
+    per_image = array.mean(axis=0)
+    rng = np.random.default_rng(seed)
+    # How often each image is drawn in each resample; the resampled mean is then a weighted mean of per-image accuracy.
+    draws = rng.multinomial(samples, np.full(samples, 1.0 / samples), size=resamples)
+    means = draws @ per_image / samples
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 def _mean_std(values: list[float]) -> dict[str, float | int | None]:
     if not values:
         return {"mean": None, "std": None, "n": 0}
@@ -107,7 +136,9 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
 
     A run is a flat dict: ``method``, ``mode``, ``fraction`` or ``shots`` (the other None/absent), ``seed``,
     ``weights_source`` and the keys of :func:`compute_metrics`. Refuses a group that mixes encoder weights sources (a
-    random-init run must never be averaged into real results) or repeats a seed.
+    random-init run must never be averaged into real results) or repeats a seed. When every run of a group carries
+    ``correct`` (0/1 per test image, the same images in the same order), the group gets ``accuracy_ci95``: the
+    bootstrap interval of its mean accuracy (:func:`bootstrap_accuracy_ci`); otherwise None.
     """
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
@@ -131,6 +162,13 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
         }
         for metric in SCALAR_METRICS:
             group[metric] = _mean_std([run[metric] for run in members if run.get(metric) is not None])
+        group["accuracy_ci95"] = None
+        if all(run.get("correct") is not None for run in members):
+            lengths = sorted({len(run["correct"]) for run in members})
+            if len(lengths) > 1:
+                raise ValueError(f"{method}/{mode} fraction={fraction} shots={shots} was tested on different numbers of "
+                                 f"images {lengths}: the seeds of one setting must share one test set")
+            group["accuracy_ci95"] = list(bootstrap_accuracy_ci([run["correct"] for run in members]))
         class_names = list(members[0].get("per_class_recall", {}))
         group["per_class_recall"] = {
             name: _mean_std([run["per_class_recall"][name] for run in members if run["per_class_recall"].get(name) is not None])
@@ -138,7 +176,12 @@ def aggregate(runs: list[dict]) -> dict[str, Any]:
         }
         aggregated.append(group)
     aggregated.sort(key=lambda g: (g["method"], g["mode"], g["fraction"] is None, g["fraction"] or 0.0, g["shots"] or 0))
-    return {"groups": aggregated, "std": "sample standard deviation over seeds (ddof=1; 0 with one seed)"}
+    return {
+        "groups": aggregated,
+        "std": "sample standard deviation over seeds (ddof=1; 0 with one seed)",
+        "accuracy_ci95": f"{100 * CI_LEVEL:g} % percentile bootstrap over the test images ({BOOTSTRAP_RESAMPLES} resamples, "
+                         f"seed {BOOTSTRAP_SEED}) of the accuracy averaged over the seeds",
+    }
 
 
 def _csv_value(value: Any) -> Any:
@@ -152,7 +195,8 @@ def _csv_value(value: Any) -> Any:
 
 
 def write_runs_csv(runs: list[dict], path: str | Path) -> Path:
-    """One row per run: identity columns, scalar metrics, ``recall[<class>]`` columns, then everything else (JSON)."""
+    """One row per run: identity columns, scalar metrics, ``recall[<class>]`` columns, then everything else (JSON) but
+    the per-image values (``correct``)."""
     if not runs:
         raise ValueError("no runs to write")
     class_names: list[str] = []
@@ -164,7 +208,7 @@ def write_runs_csv(runs: list[dict], path: str | Path) -> Path:
     extra = []
     for run in runs:
         for key in run:
-            if key not in leading and key != "per_class_recall" and key not in extra:
+            if key not in leading and key != "per_class_recall" and key not in PER_IMAGE_KEYS and key not in extra:
                 extra.append(key)
     columns = leading + [f"recall[{name}]" for name in class_names] + extra
     path = Path(path)

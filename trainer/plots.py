@@ -9,12 +9,17 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medfocus.pipeline.provenance import is_random_init
 
+from .methods import METHODS
+
 RANDOM_INIT_WARNING = "RANDOM-INIT ENCODER (no pretrained weights) — not real results"
+# Panels in this order: the whole image first, then the ROI steering modes, then the dual view; unknown modes after.
+MODE_ORDER = ("none", "overlay", "blur", "crop", "attention", "dual")
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
@@ -25,11 +30,19 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
+def _method_colours(methods: list[str]) -> dict[str, tuple]:
+    """One colour per method, the same in every panel: the trainer's methods in a fixed order, others after them."""
+    known = [method for method in METHODS if method in methods] + sorted(set(methods) - set(METHODS))
+    palette = colormaps["tab10"]
+    return {method: palette(index % 10) for index, method in enumerate(known)}
+
+
 def plot_accuracy_vs_fraction(aggregated: dict, path: str | Path, title: str, weights_source: str | None) -> Path:
-    """Test accuracy (mean ± std over seeds) against training fraction, one line per method (and mode).
+    """Test accuracy (mean ± std over seeds) against training fraction: one panel per ROI mode, one line per method.
 
     Uses the fraction groups of :func:`~medfocus.trainer.metrics.aggregate`; with none, the k-shot groups (shots per
-    class on the x axis). The title and a banner say so when ``weights_source`` is random-init (or unknown).
+    class on the x axis). Panels share the y axis, the legend sits outside the panels, and the title (and a watermark
+    in every panel) says so when ``weights_source`` is random-init (or unknown).
     """
     groups = [group for group in aggregated["groups"] if group.get("fraction") is not None]
     axis_key, axis_label = "fraction", "training fraction"
@@ -38,36 +51,51 @@ def plot_accuracy_vs_fraction(aggregated: dict, path: str | Path, title: str, we
         axis_key, axis_label = "shots", "shots per class"
     if not groups:
         raise ValueError("no fraction or shots groups to plot")
-    modes = {group["mode"] for group in groups}
-    lines: dict[str, list[tuple[float, float, float]]] = {}
+    found = {group["mode"] for group in groups}
+    modes = [mode for mode in MODE_ORDER if mode in found] + sorted(found - set(MODE_ORDER))
+    lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for group in groups:
-        label = group["method"] if len(modes) == 1 else f"{group['method']} ({group['mode']})"
         accuracy = group["accuracy"]
-        lines.setdefault(label, []).append((group[axis_key], 100.0 * accuracy["mean"], 100.0 * accuracy["std"]))
+        lines.setdefault((group["mode"], group["method"]), []).append(
+            (group[axis_key], 100.0 * accuracy["mean"], 100.0 * accuracy["std"]))
+    colours = _method_colours([method for _, method in lines])
+    ticks = sorted({point[0] for points in lines.values() for point in points})
 
     random_init = is_random_init(weights_source)
-    figure = Figure(figsize=(7.0, 4.8))
-    axes = figure.add_subplot()
-    for label, points in sorted(lines.items()):
-        points.sort()
-        xs, means, stds = zip(*points)
-        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
-    axes.set_xscale("log")
-    ticks = sorted({point[0] for points in lines.values() for point in points})
-    axes.set_xticks(ticks)
-    axes.set_xticklabels([f"{100 * tick:g}%" if axis_key == "fraction" else f"{tick:g}" for tick in ticks])
-    axes.minorticks_off()
-    axes.set_xlabel(axis_label)
-    axes.set_ylabel("test accuracy (%)")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
+    columns = min(len(modes), 3)
+    rows = math.ceil(len(modes) / columns)
+    figure = Figure(figsize=(max(3.8 * columns, 6.0), 3.2 * rows + 1.6), layout="constrained")
+    panels = np.atleast_1d(figure.subplots(rows, columns, sharey=True, squeeze=False)).ravel()
+    handles: dict[str, object] = {}
+    for panel, mode in zip(panels, modes):
+        for (line_mode, method), points in sorted(lines.items()):
+            if line_mode != mode:
+                continue
+            points.sort()
+            xs, means, stds = zip(*points)
+            handles[method] = panel.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, linewidth=1.4,
+                                             color=colours[method], label=method)
+        panel.set_xscale("log")
+        panel.set_xticks(ticks)
+        panel.set_xticklabels([f"{100 * tick:g}%" if axis_key == "fraction" else f"{tick:g}" for tick in ticks], fontsize=8)
+        panel.minorticks_off()
+        panel.set_xlabel(axis_label, fontsize=9)
+        panel.grid(True, alpha=0.3)
+        panel.set_title(f"ROI mode: {mode}", fontsize=10)
+        if random_init:
+            panel.text(0.5, 0.5, "RANDOM INIT", transform=panel.transAxes, fontsize=22, color="red", alpha=0.15,
+                       ha="center", va="center", rotation=20)
+    for panel in panels[len(modes):]:
+        panel.set_visible(False)
+    for panel in panels[::columns]:
+        panel.set_ylabel("test accuracy (%)\nmean ± std over seeds", fontsize=9)
+    ordered = [method for method in colours if method in handles]
+    figure.legend([handles[method] for method in ordered], ordered, loc="outside lower center", ncols=min(len(ordered), 4),
+                  fontsize=9, frameon=False)
     full_title = f"{title}\nencoder weights: {weights_source}"
     if random_init:
         full_title = f"{RANDOM_INIT_WARNING}\n{full_title}"
-        axes.text(0.5, 0.5, "RANDOM INIT", transform=axes.transAxes, fontsize=40, color="red", alpha=0.15,
-                  ha="center", va="center", rotation=20)
-    axes.set_title(full_title, fontsize=9, color="red" if random_init else "black")
-    figure.tight_layout()
+    figure.suptitle(full_title, fontsize=10, color="red" if random_init else "black")
     return _save(figure, path)
 
 
