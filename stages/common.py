@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
-from medfocus.pipeline.config import Params
+from medfocus.pipeline.config import ConfigError, Params, PrepareParams
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.images import file_sha256, load_image
 from medfocus.pipeline.manifest import Entry, read_manifest, write_json
@@ -75,20 +77,63 @@ def load_manifest_image(item: WorkItem) -> np.ndarray:
 
 
 def load_prepared(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True) -> PreparedDataset:
-    """The dataset's manifest, running prepare first when there is none (or it was made from another root)."""
+    """The dataset's manifest. Which test split and subsets a dataset has is decided by ``medfocus prepare`` alone.
+
+    - No manifest yet: prepare first, with params.yaml's ``prepare`` section.
+    - The manifest is out of date (image files added, removed or rewritten, another root, other class definitions):
+      prepare again, logged, with the settings the manifest was made with, so that an explicit
+      ``medfocus prepare --test-fraction 0.3`` keeps its split.
+    - params.yaml's ``prepare`` section differs from the manifest's settings: the manifest is used as it is, and a
+      warning names the differing keys and the ``medfocus prepare`` command that applies params.yaml.
+    """
     from .prepare import listing_fingerprint, prepare
 
-    summary = read_json(paths.prepare_summary) if paths.prepare_summary.exists() and paths.manifest.exists() else None
-    stale = (
-        summary is None
-        or Path(summary["root"]) != Path(spec.root)
-        or summary.get("params") != params.prepare.model_dump()
-        or summary.get("listing") != listing_fingerprint(spec)
-    )
-    if stale:
-        log.info("preparing %s from %s first (no manifest yet, or the files changed)", spec.name, spec.root)
+    if not (paths.prepare_summary.exists() and paths.manifest.exists()):
+        log.info("preparing %s from %s first (no manifest yet)", spec.name, spec.root)
         summary = prepare(spec, params, paths, progress=progress)
+        return PreparedDataset(spec.name, Path(summary["root"]), read_manifest(paths.manifest), summary)
+
+    summary = read_json(paths.prepare_summary)
+    prepared_with = _prepared_settings(summary, paths)
+    out_of_date = _why_out_of_date(summary, spec, listing_fingerprint(spec))
+    if out_of_date:
+        log.info("preparing %s from %s again (%s), with the settings of its last prepare", spec.name, spec.root, out_of_date)
+        summary = prepare(spec, params.model_copy(update={"prepare": prepared_with}), paths, progress=progress)
+    else:
+        differing = {key: (getattr(prepared_with, key), getattr(params.prepare, key))
+                     for key in PrepareParams.model_fields if getattr(prepared_with, key) != getattr(params.prepare, key)}
+        if differing:
+            log.warning(
+                "%s was prepared with %s, the params say %s; using it as prepared. To prepare it with the params: "
+                "medfocus prepare --dataset %s --root %s", paths.prepare_summary,
+                ", ".join(f"prepare.{key}={made!r}" for key, (made, _) in differing.items()),
+                ", ".join(f"{wanted!r}" for _, wanted in differing.values()), spec.name, spec.root,
+            )
     return PreparedDataset(spec.name, Path(summary["root"]), read_manifest(paths.manifest), summary)
+
+
+def _prepared_settings(summary: dict, paths: DatasetPaths) -> PrepareParams:
+    """The prepare settings a manifest was made with; settings added to medfocus since then take their defaults."""
+    recorded = {key: value for key, value in summary.get("params", {}).items() if key in PrepareParams.model_fields}
+    try:
+        return PrepareParams.model_validate(recorded)
+    except ValidationError as error:
+        raise ConfigError(
+            f"{paths.prepare_summary}: its prepare settings are no longer valid ({error.errors()[0]['msg']}); "
+            f"run `medfocus prepare --dataset {summary.get('dataset', paths.dataset)}` again"
+        ) from None
+
+
+def _why_out_of_date(summary: dict, spec: DatasetSpec, listing: str) -> str:
+    """Why a manifest no longer describes the dataset's files and classes, or '' when it still does."""
+    if Path(summary["root"]).resolve() != Path(spec.root).resolve():
+        return f"it was made from {summary['root']}"
+    if summary.get("listing") != listing:
+        return "image files were added, removed or changed"
+    # Ad-hoc datasets take their classes from the folders, which the listing covers; defined ones carry their prompts.
+    if spec.classes and summary.get("classes") != json.loads(json.dumps([asdict(c) for c in spec.classes])):
+        return "its class definitions (names, folders or prompts) changed"
+    return ""
 
 
 _local = threading.local()
