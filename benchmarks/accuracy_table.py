@@ -1,6 +1,6 @@
 """Markdown accuracy table (mean ± std over seeds, %) of one or more ``metrics.json`` files, as in benchmarks/README.md.
 
-One row per (encoder weights, method, ROI mode), one column per training fraction, and the paper's numbers at 5 % for
+One row per (encoder weights, method, ROI mode), one column per training fraction, and the authors' numbers (stages/paper_results.json) for
 the dataset beside them. Every row names its encoder and weights source, so a random-init row can never pass as real.
 
     python benchmarks/accuracy_table.py cache-real/clip/covid/metrics.json cache-real/litemedsam/covid/metrics.json
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medfocus.stages.evaluate import PAPER_RESULTS_AT_5_PERCENT
+from medfocus.stages.evaluate import paper_results
 
 
 def encoder_label(metrics: dict) -> str:
@@ -37,10 +37,9 @@ def table(paths: list[Path]) -> str:
             values = " | ".join(by_fraction.get(f, "-") for f in fractions)
             lines.append(f"| {label} | {method} | {mode} | {values} |")
     dataset = loaded[0]["dataset"]
-    paper = PAPER_RESULTS_AT_5_PERCENT.get(dataset)
-    if paper:
-        for name, value in paper.items():
-            lines.append(f"| paper, pretrained CLIP | {name} | - | {value:.2f} |" + " - |" * (len(fractions) - 1))
+    for name, by_fraction in (paper_results(dataset) or {}).items():
+        values = " | ".join(f"{by_fraction[f]:.2f}" if f in by_fraction else "-" for f in fractions)
+        lines.append(f"| paper, pretrained CLIP | {name} | - | {values} |")
     tests = ", ".join(sorted({str(m["test_images"]) for m in loaded}))
     return f"{dataset}: {tests} test images\n\n" + "\n".join(lines)
 

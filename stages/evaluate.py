@@ -1,24 +1,29 @@
 """The evaluate stage: the paper's protocol (methods × ROI modes × training fractions or k shots × seeds) on cached features.
 
 Every method sees the same subsets, the same features and the same test set; hyperparameters are chosen inside the
-training subset (see medfocus.trainer). Outputs under ``cache/<dataset>/``: ``metrics.json`` (means ± std over seeds,
-the encoder's weights source on every row), ``evaluation/runs.csv`` (one row per run), ``evaluation/*.png`` plots and
-``evaluation/accuracy_vs_fraction.csv`` (for ``dvc plots``).
+training subset (see medfocus.trainer). Modes are compared on the same images: only images that have features in every
+evaluated mode take part (how many were left out is in metrics.json). Outputs under ``cache/<dataset>/``:
+``metrics.json`` (means ± std over seeds and bootstrap 95 % intervals over the test images, the encoder's weights
+source on every row, the authors' numbers beside them), ``evaluation/runs.csv`` (one row per run), ``evaluation/*.png``
+plots and ``evaluation/accuracy_vs_fraction.csv`` (for ``dvc plots``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
+from functools import cache
+from pathlib import Path
 
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.manifest import write_atomic, write_json
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
-from medfocus.trainer import MethodUnavailableError, aggregate, compute_metrics, fit, write_runs_csv
+from medfocus.trainer import MethodUnavailableError, aggregate, bootstrap_accuracy_ci, compute_metrics, fit, write_runs_csv
 from medfocus.trainer.plots import plot_accuracy_vs_fraction, plot_confusion_matrix
 
 from .common import load_prepared
@@ -26,64 +31,118 @@ from .train import current_feature_store, load_cached_features, subset_hashes
 
 log = logging.getLogger(__name__)
 
-# MedFocusCLIP (Arora & Namboodiri), test accuracy (%) after training on 5% of the training images.
-PAPER_RESULTS_AT_5_PERCENT = {
-    "covid": {"medfocusclip": 71.15, "clip": 66.0},
-    "lung_disease": {"medfocusclip": 81.28, "clip": 70.0},
-    "brain_tumor": {"medfocusclip": 86.09, "clip": 68.0},
-    "breast_cancer": {"medfocusclip": 58.63, "clip": 29.0},
-}
+PAPER_RESULTS_FILE = Path(__file__).with_name("paper_results.json")
+
+
+@cache
+def _paper_file() -> dict:
+    return json.loads(PAPER_RESULTS_FILE.read_text())
+
+
+def paper_results(dataset: str) -> dict[str, dict[float, float]] | None:
+    """The authors' test accuracy (%) for ``dataset``: {method label: {training fraction: accuracy}}, or None."""
+    table = _paper_file()["results"].get(dataset)
+    if table is None:
+        return None
+    return {label: {float(fraction): value for fraction, value in by_fraction.items()} for label, by_fraction in table.items()}
+
+
+def paper_datasets() -> list[str]:
+    return sorted(_paper_file()["results"])
 
 
 def _subsets(params: Params) -> list[tuple[float | None, int | None]]:
     return [(f, None) for f in params.evaluate.fractions] + [(None, k) for k in params.evaluate.shots]
 
 
+def _subset_label(fraction: float | None, shots: int | None) -> str:
+    return f"{shots}-shot" if shots is not None else f"{100 * fraction:g}%"
+
+
 def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True) -> tuple[list[dict], dict]:
-    """All runs of the protocol, and per mode the identity of the features it used."""
+    """All runs of the protocol; per mode the identity of the features it used; the images left out.
+
+    Runs carry ``correct`` (0/1 per test image, in one order for every run) for the bootstrap intervals.
+    """
     from tqdm import tqdm
 
     settings = params.evaluate
     prepared = load_prepared(spec, params, paths, progress=False)
     config = params.train.trainer_config()
+    stores = {mode: current_feature_store(spec, params, paths, mode) for mode in settings.modes}
+    all_hashes = [entry.hash for entry in prepared.entries]
+    common = set(all_hashes)
+    for store in stores.values():
+        common &= store.done(all_hashes)
+    test_all = [entry.hash for entry in prepared.entries if entry.split == "test"]
+    test_kept = [digest for digest in test_all if digest in common]
+    if not test_kept:
+        raise ValueError(f"dataset {spec.name!r} has no test image with features in every mode {settings.modes}: nothing to evaluate on")
+    alignment = {
+        "modes": list(settings.modes),
+        "test_images": len(test_kept),
+        "test_images_left_out": len(test_all) - len(test_kept),
+        "train_images_left_out": sum(1 for entry in prepared.entries if entry.split == "train" and entry.hash not in common),
+        "subset_images_left_out": {},
+        "why": "only images with features in every evaluated mode are used, so all modes are compared on the same images",
+    }
+    if alignment["test_images_left_out"] or alignment["train_images_left_out"]:
+        log.warning("%d test and %d training image(s) lack features in some mode of %s and are left out of every mode",
+                    alignment["test_images_left_out"], alignment["train_images_left_out"], settings.modes)
+    subsets = {}
+    for fraction, shots in _subsets(params):
+        for seed in settings.seeds:
+            hashes = subset_hashes(paths, fraction, shots, seed)
+            kept = [digest for digest in hashes if digest in common]
+            if not kept:
+                raise ValueError(f"the {_subset_label(fraction, shots)} subset of seed {seed} has no image with features in every mode {settings.modes}")
+            if len(kept) < len(hashes):
+                alignment["subset_images_left_out"][f"{_subset_label(fraction, shots)} seed {seed}"] = len(hashes) - len(kept)
+            subsets[(fraction, shots, seed)] = kept
+
     runs: list[dict] = []
     sources: dict[str, dict] = {}
     unavailable: dict[str, str] = {}
-    total = len(settings.modes) * len(_subsets(params)) * len(settings.seeds) * len(settings.methods)
+    total = len(settings.modes) * len(subsets) * len(settings.methods)
     with tqdm(total=total, desc=f"evaluate {spec.name}", unit="fit", disable=not progress) as bar:
-        for mode in settings.modes:
-            cached = load_cached_features(prepared, current_feature_store(spec, params, paths, mode))
+        for mode, store in stores.items():
+            cached = load_cached_features(prepared, store, only=common)
             sources[mode] = cached.identity()
-            test = cached.features.subset(cached.splits["test"])
-            if len(test) == 0:
-                raise ValueError(f"dataset {spec.name!r} has no test image with features: nothing to evaluate on")
-            for fraction, shots in _subsets(params):
-                for seed in settings.seeds:
-                    train_set = cached.features.subset(cached.rows(subset_hashes(paths, fraction, shots, seed)))
-                    for method in settings.methods:
-                        bar.update(1)
-                        try:
-                            model = fit(method, train_set, cached.text, config, seed)
-                        except MethodUnavailableError as error:
-                            unavailable[f"{method}/{mode}"] = str(error)
-                            continue
-                        metrics = compute_metrics(test.labels, model.predict_proba(test), prepared.class_names)
-                        runs.append({"method": method, "mode": mode, "fraction": fraction, "shots": shots, "seed": seed,
-                                     "weights_source": cached.weights_source, "n_train": len(train_set),
-                                     "fit_seconds": round(model.fit_info["fit_seconds"], 4), **metrics})
+            test = cached.features.subset(cached.rows(test_kept))
+            for (fraction, shots, seed), hashes in subsets.items():
+                train_set = cached.features.subset(cached.rows(hashes))
+                for method in settings.methods:
+                    bar.update(1)
+                    try:
+                        model = fit(method, train_set, cached.text, config, seed)
+                    except MethodUnavailableError as error:
+                        unavailable[f"{method}/{mode}"] = str(error)
+                        continue
+                    proba = model.predict_proba(test)
+                    correct = (proba.argmax(dim=1) == test.labels).int().tolist()
+                    runs.append({"method": method, "mode": mode, "fraction": fraction, "shots": shots, "seed": seed,
+                                 "weights_source": cached.weights_source, "n_train": len(train_set),
+                                 "fit_seconds": round(model.fit_info["fit_seconds"], 4),
+                                 **compute_metrics(test.labels, proba, prepared.class_names),
+                                 "accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct})
     for key, reason in unavailable.items():
         log.warning("skipped %s: %s", key, reason)
-    return runs, {"features": sources, "skipped": unavailable}
+    return runs, {"features": sources, "skipped": unavailable, "images": alignment}
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 2)
 
 
 def accuracy_table(aggregated: dict) -> list[dict]:
-    """Flat rows (method, mode, fraction/shots, accuracy mean/std in %), for metrics.json, CSV and the report."""
+    """Flat rows (method, mode, fraction/shots, accuracy mean/std and 95 % CI in %), for metrics.json, CSV and the report."""
     return [
         {"method": g["method"], "mode": g["mode"], "fraction": g["fraction"], "shots": g["shots"],
-         "accuracy": round(100 * g["accuracy"]["mean"], 2), "accuracy_std": round(100 * g["accuracy"]["std"], 2),
-         "balanced_accuracy": round(100 * g["balanced_accuracy"]["mean"], 2),
-         "macro_f1": round(100 * g["macro_f1"]["mean"], 2),
-         "auroc": None if g["auroc_ovr"]["mean"] is None else round(100 * g["auroc_ovr"]["mean"], 2),
+         "accuracy": _percent(g["accuracy"]["mean"]), "accuracy_std": _percent(g["accuracy"]["std"]),
+         "accuracy_ci95": None if g.get("accuracy_ci95") is None else [_percent(bound) for bound in g["accuracy_ci95"]],
+         "balanced_accuracy": _percent(g["balanced_accuracy"]["mean"]),
+         "macro_f1": _percent(g["macro_f1"]["mean"]),
+         "auroc": _percent(g["auroc_ovr"]["mean"]),
          "seeds": g["n_runs"], "weights_source": g["weights_source"]}
         for g in aggregated["groups"]
     ]
@@ -97,6 +156,26 @@ def _write_plot_csv(rows: list[dict], path) -> None:
         if row["fraction"] is not None:
             writer.writerow({"series": f"{row['method']}/{row['mode']}", "fraction": row["fraction"], "accuracy": row["accuracy"]})
     write_atomic(path, buffer.getvalue())
+
+
+def confusion_run(runs: list[dict], params: Params) -> tuple[dict, str]:
+    """The run whose confusion matrix is shown, fixed in advance (never chosen by test accuracy), and why it.
+
+    It is params.train's method and mode at the largest training fraction (the largest k-shot subset without
+    fractions) and the first evaluated seed; when evaluate did not run that method/mode, the first evaluated
+    method/mode in evaluate.methods × evaluate.modes order.
+    """
+    settings = params.evaluate
+    subset = (max(settings.fractions), None) if settings.fractions else (None, max(settings.shots))
+    seed = settings.seeds[0]
+    at_subset = {(run["method"], run["mode"]): run for run in runs
+                 if (run["fraction"], run["shots"], run["seed"]) == (*subset, seed)}
+    wanted = (params.train.method, params.train.mode)
+    if wanted in at_subset:
+        return at_subset[wanted], f"train.method/train.mode, {_subset_label(*subset)}, seed {seed}"
+    first = next(key for key in ((m, mode) for m in settings.methods for mode in settings.modes) if key in at_subset)
+    return at_subset[first], (f"train.method/train.mode {wanted[0]}/{wanted[1]} not evaluated: first evaluated method/mode, "
+                              f"{_subset_label(*subset)}, seed {seed}")
 
 
 def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True) -> dict:
@@ -114,22 +193,23 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
     _write_plot_csv(table, out / "accuracy_vs_fraction.csv")
     title = f"{spec.name}: test accuracy vs training fraction"
     plot_accuracy_vs_fraction(aggregated, out / "accuracy_vs_fraction.png", title, ", ".join(weights_sources))
-    best = max(table, key=lambda row: (row["fraction"] or 0, row["accuracy"]))
-    confusion_run = next(run for run in runs if (run["method"], run["mode"], run["fraction"], run["shots"]) ==
-                         (best["method"], best["mode"], best["fraction"], best["shots"]))
-    plot_confusion_matrix(confusion_run["confusion_matrix"], confusion_run["class_names"], out / "confusion_matrix.png",
-                          f"{spec.name}: {best['method']} ({best['mode']}), fraction {best['fraction']}, seed {confusion_run['seed']}"
-                          + (f" — {RANDOM_INIT}" if random_init else ""))
+    shown, chosen_by = confusion_run(runs, params)
+    plot_confusion_matrix(shown["confusion_matrix"], shown["class_names"], out / "confusion_matrix.png",
+                          f"{spec.name}: {shown['method']} ({shown['mode']}), {_subset_label(shown['fraction'], shown['shots'])}, "
+                          f"seed {shown['seed']}\nchosen in advance: {chosen_by}" + (f" — {RANDOM_INIT}" if random_init else ""))
     metrics = {
         "dataset": spec.name,
         "weights_source": weights_sources[0] if len(weights_sources) == 1 else weights_sources,
         "random_init": random_init,
         **({"warning": "RANDOM-INIT encoder: these numbers measure the pipeline, not the method; they are not results"} if random_init else {}),
-        "test_images": runs[0]["n_samples"],
+        "test_images": identity["images"]["test_images"],
+        "images": identity["images"],
         "results": table,
-        "paper_at_5_percent": PAPER_RESULTS_AT_5_PERCENT.get(spec.name),
-        "confusion_matrix": {"method": best["method"], "mode": best["mode"], "fraction": best["fraction"],
-                             "class_names": confusion_run["class_names"], "counts": confusion_run["confusion_matrix"]},
+        "accuracy_ci95": aggregated["accuracy_ci95"],
+        "paper": paper_results(spec.name),
+        "confusion_matrix": {"method": shown["method"], "mode": shown["mode"], "fraction": shown["fraction"],
+                             "shots": shown["shots"], "seed": shown["seed"], "chosen_by": chosen_by,
+                             "class_names": shown["class_names"], "counts": shown["confusion_matrix"]},
         "features": identity["features"],
         "skipped_methods": identity["skipped"],
         "protocol": params.evaluate.model_dump(),

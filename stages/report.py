@@ -30,7 +30,7 @@ from medfocus.trainer import fusion_attention
 from medfocus.trainer.plots import plot_attention_overlay
 
 from .common import PreparedDataset, load_prepared
-from .evaluate import PAPER_RESULTS_AT_5_PERCENT
+from .evaluate import paper_datasets, paper_results
 from .features import MODES_WITHOUT_MASKS, mode_params, read_masks, steer
 from .gallery import pick_examples, write_gallery
 from .segment import current_mask_store
@@ -41,7 +41,8 @@ ACCURACY_PLOT = "accuracy_vs_fraction.png"
 CONFUSION_PLOT = "confusion_matrix.png"
 ROI_GALLERY = "roi_gallery.png"
 PAPER_FRACTION = 0.05
-PAPER_LABELS = {"medfocusclip": "MedFocusCLIP", "clip": "CLIP"}
+# Our methods that correspond to the paper's two lines (MedFocusCLIP; CLIP after few-shot training), shown beside them.
+PAPER_COUNTERPARTS = ("medfocus", "medfocus_dual", "clip_fewshot")
 
 
 def report_summary_path(paths: DatasetPaths) -> Path:
@@ -157,31 +158,47 @@ def _banner(parts: list[str]) -> str:
     )
 
 
+def _ci(row: dict) -> str | None:
+    interval = row.get("accuracy_ci95")
+    return None if interval is None else f"{interval[0]:.1f}–{interval[1]:.1f}"
+
+
+def _left_out_note(metrics: dict) -> str:
+    images = metrics.get("images")
+    if not images or not (images["test_images_left_out"] or images["train_images_left_out"]):
+        return ""
+    return (f" {images['test_images_left_out']} test and {images['train_images_left_out']} training image(s) lack features "
+            f"in some evaluated mode and are left out of every mode, so all modes are compared on the same images.")
+
+
 def results_section(metrics: dict, dataset: str) -> str:
-    """The results table of ``metrics.json`` beside the paper's numbers at 5% for ``dataset`` (or why there are none)."""
+    """The results table of ``metrics.json`` beside the authors' table for ``dataset`` (or why there is none)."""
     rows, classes = [], []
     for r in metrics["results"]:
         rows.append([r["method"], r["mode"], subset_label(r["fraction"], r["shots"]),
-                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", _percent(r["balanced_accuracy"]),
+                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", _ci(r), _percent(r["balanced_accuracy"]),
                      _percent(r["macro_f1"]), _percent(r["auroc"]), r["seeds"], r["weights_source"]])
         classes.append("paper-point" if r["fraction"] == PAPER_FRACTION else "")
-    ours = _table(["method", "ROI mode", "training subset", "accuracy % (mean ± std)", "balanced acc. %",
-                   "macro-F1 %", "AUROC %", "seeds", "encoder weights"], rows, classes)
+    ours = _table(["method", "ROI mode", "training subset", "accuracy % (mean ± std over seeds)", "95 % CI (bootstrap)",
+                   "balanced acc. %", "macro-F1 %", "AUROC %", "seeds", "encoder weights"], rows, classes)
 
-    paper = PAPER_RESULTS_AT_5_PERCENT.get(dataset)
-    at_paper_point = [r for r in metrics["results"] if r["fraction"] == PAPER_FRACTION]
+    paper = paper_results(dataset)
     if paper:
-        paper_rows = [[f"{PAPER_LABELS.get(k, k)} (paper)", f"{v:.2f}"] for k, v in paper.items()]
-        paper_rows += [[f"{r['method']}/{r['mode']} (this run)", f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}"]
-                       for r in at_paper_point]
-        side = _table(["at 5% of the training images", "accuracy %"], paper_rows)
-        if not at_paper_point:
-            side += "<p>This run did not evaluate the 5% fraction (evaluate.fractions).</p>"
+        counterparts = [r for r in metrics["results"] if r["fraction"] is not None and r["method"] in PAPER_COUNTERPARTS]
+        fractions = sorted({f for by_fraction in paper.values() for f in by_fraction} | {r["fraction"] for r in counterparts})
+        paper_rows = [[f"{label} (paper)", *(_percent(by_fraction.get(f)) for f in fractions)] for label, by_fraction in paper.items()]
+        cells: dict[str, dict[float, str]] = {}
+        for r in counterparts:
+            cells.setdefault(f"{r['method']}/{r['mode']} (this run)", {})[r["fraction"]] = f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}"
+        paper_rows += [[label, *(by_fraction.get(f) for f in fractions)] for label, by_fraction in cells.items()]
+        side = _table(["test accuracy %", *(subset_label(f, None) for f in fractions)], paper_rows)
+        side += "<p>The paper's CLIP line (pretrained CLIP after the same few-shot training) is given at 5% only, approximately.</p>"
     else:
-        covered = ", ".join(sorted(PAPER_RESULTS_AT_5_PERCENT))
+        covered = ", ".join(paper_datasets())
         side = f"<p>The paper (MedFocusCLIP, Arora &amp; Namboodiri) reports no numbers for <code>{_e(dataset)}</code>; it covers {_e(covered)}.</p>"
-    return (f'<h2>Results</h2><p>Test accuracy on {_e(metrics["test_images"])} held-out images; rows at 5% (the '
-            f'paper\'s protocol point) are highlighted.</p><div class="side-by-side"><div>{ours}</div>'
+    return (f'<h2>Results</h2><p>Test accuracy on {_e(metrics["test_images"])} held-out images: mean ± std over seeds, and '
+            f'the 95% bootstrap interval over the test images of the seed-mean accuracy; rows at 5% (the paper\'s protocol '
+            f'point) are highlighted.{_e(_left_out_note(metrics))}</p><div class="side-by-side"><div>{ours}</div>'
             f'<div class="paper"><h3>The paper\'s numbers</h3>{side}</div></div>')
 
 
@@ -251,7 +268,7 @@ def render_page(dataset: str, info: dict) -> str:
     weights = info["features"].get("weights_source")
     title = f"medfocus report: {dataset}" + (f" ({RANDOM_INIT})" if random_parts else "")
     figures = [_figure(ACCURACY_PLOT, "Test accuracy against training fraction (mean ± std over seeds)"),
-               _figure(CONFUSION_PLOT, "Confusion matrix of the best method at the largest fraction")]
+               _figure(CONFUSION_PLOT, "Confusion matrix of train.method/train.mode at the largest fraction, first seed (fixed in advance, not the best run)")]
     overlays = [_figure(o["file"], f"{o['image']}: true {o['true']}, predicted {o['predicted']} ({100 * o['probability']:.1f}%)")
                 for o in info["overlays"]]
     return "".join([
@@ -328,7 +345,7 @@ def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
         **({"warning": f"{RANDOM_INIT}: {' and '.join(random_parts)} without pretrained weights; not real results"} if random_parts else {}),
         "test_images": metrics["test_images"],
         "accuracy": headline_accuracy(metrics),
-        "paper_at_5_percent": PAPER_RESULTS_AT_5_PERCENT.get(spec.name),
+        "paper": metrics.get("paper"),
         "images": sorted(p.name for p in out_dir.glob("*.png")),
     }
     write_json(report_summary_path(paths), summary)

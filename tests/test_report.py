@@ -71,6 +71,7 @@ def test_report_page_pictures_and_headline(evaluated):
         assert f"<td>{row['method']}</td><td>{row['mode']}</td>" in page
         assert summary["accuracy"][f"{row['method']}/{row['mode']}"]["5%" if row["fraction"] == 0.05 else "100%"] == row["accuracy"]
     assert page.count('<tr class="paper-point">') == 2  # the 5% rows of both methods
+    assert "95 % CI (bootstrap)" in page and "fixed in advance, not the best run" in page
     assert "reports no numbers for <code>tiny</code>" in page
 
     pictures = set(re.findall(r'<img src="([^"]+)"', page))
@@ -114,17 +115,22 @@ def test_report_command(evaluated, tmp_path, monkeypatch):
 
 def _row(method: str, fraction: float, accuracy: float) -> dict:
     return {"method": method, "mode": "attention", "fraction": fraction, "shots": None, "accuracy": accuracy,
-            "accuracy_std": 1.0, "balanced_accuracy": accuracy, "macro_f1": accuracy, "auroc": None, "seeds": 5,
-            "weights_source": "pretrained:openai"}
+            "accuracy_std": 1.0, "accuracy_ci95": [accuracy - 4.0, accuracy + 3.5], "balanced_accuracy": accuracy,
+            "macro_f1": accuracy, "auroc": None, "seeds": 5, "weights_source": "pretrained:openai"}
 
 
 def test_results_sit_beside_the_papers_numbers():
-    metrics = {"test_images": 40, "results": [_row("medfocus", 0.05, 62.5), _row("medfocus", 1.0, 80.0), _row("clip_fewshot", 0.05, 55.0)]}
+    metrics = {"test_images": 40, "results": [_row("medfocus", 0.05, 62.5), _row("medfocus", 1.0, 80.0), _row("clip_fewshot", 0.05, 55.0)],
+               "images": {"test_images_left_out": 2, "train_images_left_out": 0}}
     section = results_section(metrics, "covid")
-    assert "MedFocusCLIP (paper)</td><td>71.15" in section and "CLIP (paper)</td><td>66.00" in section
-    assert "medfocus/attention (this run)</td><td>62.50 ± 1.00" in section
+    # The authors' whole table (5/10/20/50/100 %), read from stages/paper_results.json.
+    assert "MedFocusCLIP (paper)</td><td>71.15</td><td>77.27</td><td>83.33</td><td>87.88</td><td>93.94" in section
+    assert "CLIP (paper)</td><td>66.00</td><td>—" in section
+    assert "medfocus/attention (this run)</td><td>62.50 ± 1.00</td><td>—</td><td>—</td><td>—</td><td>80.00 ± 1.00" in section
     assert "clip_fewshot/attention (this run)</td><td>55.00 ± 1.00" in section
     assert section.count('class="paper-point"') == 2
+    assert "95 % CI (bootstrap)" in section and "<td>58.5–66.0</td>" in section
+    assert "2 test and 0 training image(s) lack features in some evaluated mode" in section
 
 
 def test_no_banner_with_pretrained_models():

@@ -16,15 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from medfocus.pipeline.config import load_params
+from medfocus.pipeline.config import ConfigError, load_params, parse_params
 from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.images import file_sha256
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.pipeline.store import StoreMismatchError
+from medfocus.pipeline.store import ImageStore, StoreMismatchError
 from medfocus.stages.common import load_prepared
+from medfocus.stages.evaluate import run_protocol
 from medfocus.stages.predict import check_features_match
 from medfocus.stages.train import current_feature_store, load_cached_features, load_trained
-from medfocus.trainer import ModelMismatchError
+from medfocus.trainer import MethodUnavailableError, ModelMismatchError, TrainConfig, fit, synthetic_task
 
 from .test_segment_stage import medfocus, stage_json, write_params
 
@@ -35,7 +36,7 @@ SETTINGS = {
     "segment": {"scheduler": "synchronous", "policy": "whole-image"},
     "features": {"scheduler": "synchronous", "pretrained": "none", "modes": ["none", "attention"]},
     "train": {"method": "medfocus", "mode": "attention", "fraction": 1.0, "epochs": 10},
-    "evaluate": {"methods": ["zero_shot", "linear_probe", "medfocus"], "modes": ["none", "attention"],
+    "evaluate": {"methods": ["zero_shot", "linear_probe", "medfocus", "medfocus_dual"], "modes": ["none", "attention"],
                  "fractions": [1.0], "seeds": [0]},
 }
 
@@ -112,15 +113,81 @@ def test_evaluate_writes_metrics_runs_and_plots_marked_random_init(encoded):
     assert {(row["method"], row["mode"]) for row in metrics["results"]} == {
         (method, mode) for method in ("zero_shot", "linear_probe", "medfocus") for mode in ("none", "attention")}
     assert all(row["weights_source"] == "random-init" for row in metrics["results"])
+    assert set(metrics["skipped_methods"]) == {"medfocus_dual/none", "medfocus_dual/attention"}  # no ROI view in these stores
+    for row in metrics["results"]:
+        low, high = row["accuracy_ci95"]
+        assert 0.0 <= low <= row["accuracy"] <= high <= 100.0
+    assert metrics["images"]["test_images_left_out"] == 0 and metrics["images"]["test_images"] == metrics["test_images"]
+    shown = metrics["confusion_matrix"]
+    assert (shown["method"], shown["mode"], shown["fraction"], shown["seed"]) == ("medfocus", "attention", 1.0, 0)
+    assert shown["chosen_by"] == "train.method/train.mode, 100%, seed 0"
+    assert metrics["paper"] is None  # the paper has no demo numbers
     evaluation = encoded["cache"] / DATASET / "evaluation"
     with (evaluation / "runs.csv").open() as handle:
         runs = list(csv.DictReader(handle))
     assert len(runs) == 6 and {run["weights_source"] for run in runs} == {"random-init"}
     assert all(0.0 <= float(run["accuracy"]) <= 1.0 for run in runs)
+    assert "correct" not in runs[0] and json.loads(runs[0]["accuracy_ci95"])[0] <= float(runs[0]["accuracy"])
     for plot in ("accuracy_vs_fraction.png", "confusion_matrix.png"):
         with Image.open(evaluation / plot) as picture:
             assert picture.format == "PNG" and min(picture.size) > 100
             assert np.asarray(picture.convert("L")).std() > 5  # something is drawn
+
+
+def test_evaluate_compares_modes_on_the_same_test_images(encoded, monkeypatch):
+    spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
+    params = load_params(encoded["params"])
+    prepared = load_prepared(spec, params, paths, progress=False)
+    test_hashes = [entry.hash for entry in prepared.entries if entry.split == "test"]
+    failed = test_hashes[0]
+    done = ImageStore.done
+
+    def attention_store_lost_one_image(store, digests):
+        finished = done(store, digests)
+        return finished - {failed} if store.attrs["spec"]["mode"] == "attention" else finished
+
+    monkeypatch.setattr(ImageStore, "done", attention_store_lost_one_image)
+    runs, identity = run_protocol(spec, params, paths, progress=False)
+    assert identity["images"]["test_images_left_out"] == 1 and identity["images"]["test_images"] == len(test_hashes) - 1
+    assert {run["n_samples"] for run in runs} == {len(test_hashes) - 1}  # the none mode is scored without it too
+    assert {run["mode"] for run in runs} == {"none", "attention"}
+
+
+def test_a_dual_store_gives_the_roi_view_to_medfocus_dual(encoded, tmp_path):
+    spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
+    params = load_params(encoded["params"])
+    prepared = load_prepared(spec, params, paths, progress=False)
+    synthetic, text = synthetic_task(len(prepared.entries), num_classes=3, embed_dim=32, num_patches=16, roi_view_signal=0.6)
+    # A hand-made store of mode "dual": the per-image arrays the features stage writes, plus roi_global.
+    store = ImageStore.create_or_open(str(tmp_path / "dual.zarr"), "handmade", {"mode": "dual", "encoder": {"model": "synthetic"}},
+                                      {"weights_source": "random-init"})
+    for row, entry in enumerate(prepared.entries):
+        store.write_image(entry.hash, {"global": synthetic.global_emb[row].numpy(), "patches": synthetic.patch_tokens[row].numpy(),
+                                       "roi_weights": synthetic.roi_weights[row].numpy(), "roi_global": synthetic.roi_global[row].numpy()})
+    cached = load_cached_features(prepared, store)
+    assert cached.mode == "dual" and cached.features.roi_global.shape == (len(prepared.entries), 32)
+    assert torch.equal(cached.features.roi_global, synthetic.roi_global)
+    model = fit("medfocus_dual", cached.features.subset(cached.splits["train"]), cached.text, TrainConfig(epochs=5), seed=0)
+    assert model.predict_proba(cached.features.subset(cached.splits["test"])).shape == (len(cached.splits["test"]), 3)
+
+    plain = load_cached_features(prepared, current_feature_store(spec, params, paths, "none"))
+    assert plain.features.roi_global is None
+    with pytest.raises(MethodUnavailableError, match="roi_global"):
+        fit("medfocus_dual", plain.features, plain.text, TrainConfig(epochs=5), seed=0)
+
+
+@pytest.mark.parametrize(("section", "value", "named"), [
+    ({"train": {"method": "medfocs"}}, "medfocs", "train.method"),
+    ({"train": {"mode": "atention"}}, "atention", "train.mode"),
+    ({"evaluate": {"methods": ["zero_shot", "tip"]}}, "tip", "evaluate.methods.1"),
+    ({"evaluate": {"modes": ["none", "dula"]}}, "dula", "evaluate.modes.1"),
+    ({"train": {"method": "medfocus_dual", "mode": "crop"}}, "needs the features of mode 'dual'", "train"),
+])
+def test_a_typo_in_train_or_evaluate_is_refused_with_the_key(section, value, named):
+    with pytest.raises(ConfigError) as caught:
+        parse_params(section)
+    assert named in str(caught.value) and value in str(caught.value)
+    assert parse_params({"train": {"method": "medfocus_dual", "mode": "dual"}, "evaluate": {"modes": ["dual", "none"]}}).evaluate.modes == ["dual", "none"]
 
 
 def test_predict_writes_overlays_and_reproduces_the_training_features(encoded, tmp_path):
