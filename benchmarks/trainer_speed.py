@@ -3,7 +3,7 @@
 Measures
   1. one medfocus fit on 12 images / 3 classes (≈ 5% of COVID's 251 training images), cold (first fit in the
      process) and warm (median of repeats);
-  2. the protocol: 5 fractions × 5 seeds × every method on a 251-image training pool (COVID's 111/70/70) with a
+  2. the protocol: 5 fractions × 5 seeds × every method (medfocus_dual on a synthetic ROI view) on a 251-image training pool (COVID's 111/70/70) with a
      66-image test set (26/20/20): fit, predict, metrics, then aggregate and the accuracy-vs-fraction plot;
   3. the naive way: re-encoding the training images with a random-init open_clip ViT-B-32 every epoch (batch 32,
      forward only, no preprocessing: a lower bound on its cost) against one epoch of the head on cached tensors.
@@ -57,7 +57,7 @@ def covid_like_pool() -> tuple[FeatureSet, FeatureSet, object]:
     """A 251-image training pool and a 66-image test set with COVID's class sizes."""
     total = 3 * max(n_train + n_test for n_train, n_test in zip(TRAIN_COUNTS, TEST_COUNTS))  # labels cycle over classes
     pool, text = synthetic_task(total, num_classes=3, embed_dim=EMBED_DIM, num_patches=NUM_PATCHES, roi_patches=8,
-                                signal=0.3, templates=7, seed=0)
+                                signal=0.3, templates=7, seed=0, roi_view_signal=0.3)
     train_idx, test_idx = [], []
     for cls, (n_train, n_test) in enumerate(zip(TRAIN_COUNTS, TEST_COUNTS)):
         members = (pool.labels == cls).nonzero().flatten().tolist()
