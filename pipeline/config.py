@@ -6,11 +6,14 @@ models, so a bad value is refused the same way wherever it came from.
 
 from __future__ import annotations
 
+import importlib.util
+import re
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfocus.trainer.config import TrainConfig
 from medfocus.trainer.methods import METHODS, ROI_VIEW_METHODS
@@ -75,6 +78,47 @@ def _check_scheduler(value: str) -> str:
     return value
 
 
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise ValueError(f"device must be cpu, cuda, cuda:N (N = 0, 1, ...) or mps, got {value!r}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
+
+# The names of pipeline.segmenters.policies.POLICIES, plus 'auto'; kept here so that reading params does not import
+# torch (tests/test_config.py checks that the two lists agree).
+RoiPolicyName = Literal["auto", "whole-image", "centre-box", "grid-score", "dark-blob"]
+
+
+def _open_clip_architectures() -> list[str]:
+    """open_clip's built-in model names: the model_configs/*.json it ships, read without importing open_clip (seconds)."""
+    package = importlib.util.find_spec("open_clip")
+    if package is None or not package.submodule_search_locations:
+        return []
+    return sorted(path.stem for path in (Path(package.submodule_search_locations[0]) / "model_configs").glob("*.json"))
+
+
+def _check_encoder_model(value: str) -> str:
+    if value.lower() in ("auto", "litemedsam") or value.startswith("hf-hub:"):
+        return value
+    known = _open_clip_architectures()
+    if known and value not in known:
+        close = get_close_matches(value, known, n=3)
+        raise ValueError(
+            f"unknown encoder model {value!r}: use auto, litemedsam, an hf-hub:org/name repository or an open_clip "
+            f"model name{' such as ' + ', '.join(close) if close else ''} (all {len(known)}: python -c "
+            "\"import open_clip; print(open_clip.list_models())\")"
+        )
+    return value
+
+
+def _check_attention_layers(value: str) -> str:
+    if not re.fullmatch(r"\s*(all|-?\d+(\s*,\s*-?\d+)*)\s*", value, flags=re.IGNORECASE):
+        raise ValueError(f"attention_layers must be 'all' or comma-separated block indices such as '8,9,10,11' or '-4,-3,-2,-1', got {value!r}")
+    return value
+
+
 class ParallelParams(Section):
     scheduler: Scheduler = Field(default="threads", description="dask scheduler: synchronous, threads, processes, local-cluster[:N] or tcp://host:port.")
     workers: int = Field(default=2, ge=1, description="Workers for the threads/processes/local-cluster schedulers.")
@@ -89,7 +133,7 @@ class ParallelParams(Section):
 
 class SegmentParams(ParallelParams):
     backend: Literal["litemedsam", "sam2"] = Field(default="litemedsam", description="litemedsam: offline pretrained medical SAM; sam2: Meta's SAM2 (needs weights).")
-    policy: str = Field(default="auto", description="ROI proposal/selection policy; 'auto' = the measured best for the dataset.")
+    policy: RoiPolicyName = Field(default="auto", description="ROI proposal/selection policy (whole-image, centre-box, grid-score, dark-blob); 'auto' = the measured best for the dataset.")
     store_resolution: int = Field(default=256, ge=32, le=2048, description="Side of the stored label map and ROI mask.")
     sam2_model: Literal["tiny", "small", "base_plus", "large"] = "tiny"
     sam2_checkpoint: str = Field(default="auto", description="Local .pt path, or 'auto' = the Hugging Face hub cache (downloads on a connected machine).")
@@ -97,7 +141,7 @@ class SegmentParams(ParallelParams):
     sam2_image_size: int = Field(default=1024, ge=256, le=1024, multiple_of=32, description="SAM2 input side in prompted mode; 512 is the fast CPU setting (benchmarks/README.md).")
     points_per_side: int = Field(default=32, ge=2, le=128, description="Point grid of SAM2's automatic mask generator.")
     allow_random_init: bool = Field(default=False, description="Build the segmenter without weights when none can be had (tests only; marked random-init).")
-    device: str = "cpu"
+    device: Device = Field(default="cpu", description="cpu, cuda, cuda:N or mps.")
 
     @model_validator(mode="after")
     def _generator_at_native_size(self) -> "SegmentParams":
@@ -120,7 +164,17 @@ class FeaturesParams(ParallelParams):
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(default=16, ge=1)
     chunk_size: int = Field(default=32, ge=1)
-    device: str = "cpu"
+    device: Device = Field(default="cpu", description="cpu, cuda, cuda:N or mps.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, value: str) -> str:
+        return _check_encoder_model(value)
+
+    @field_validator("attention_layers")
+    @classmethod
+    def _attention_layers_parse(cls, value: str) -> str:
+        return _check_attention_layers(value)
 
     @field_validator("modes")
     @classmethod
@@ -208,7 +262,9 @@ def _describe_errors(error: ValidationError, source: str, raw: dict[str, Any]) -
         if item["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}' (value {item['input']!r})")
         else:
-            lines.append(f"{source}: {key} = {item.get('input')!r}: {item['msg']}")
+            # A validator's own message is the explanation; pydantic's "Value error, " prefix adds nothing to it.
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {key} = {item.get('input')!r}: {message}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,11 @@ def test_unknown_key_is_named(tmp_path):
         ("prepare:\n  fractions: [0.05, 2]\n", "prepare.fractions", "2"),
         ("segment:\n  chunk_size: zero\n", "segment.chunk_size", "zero"),
         ("segment:\n  sam2_image_size: 500\n", "segment.sam2_image_size", "500"),
+        ("segment:\n  policy: dark_blob\n", "segment.policy", "dark_blob"),
+        ("segment:\n  device: gpu\n", "segment.device", "gpu"),
+        ("features:\n  device: cuda:one\n", "features.device", "cuda:one"),
+        ("features:\n  model: ViT-B-23\n", "features.model", "ViT-B-23"),
+        ("features:\n  attention_layers: last four\n", "features.attention_layers", "last four"),
     ],
 )
 def test_bad_values_name_key_and_value(tmp_path, yaml_text, key, value):
@@ -78,3 +83,48 @@ def test_not_a_mapping(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "typo", "allowed"),
+    [
+        ("segment.policy", "dark_blob", ["'auto'", "'whole-image'", "'centre-box'", "'grid-score'", "'dark-blob'"]),
+        ("segment.device", "gpu", ["cpu", "cuda", "cuda:N", "mps"]),
+        ("features.device", "cuda0", ["cpu", "cuda", "cuda:N", "mps"]),
+        ("features.model", "ViT-B-23", ["auto", "litemedsam", "hf-hub:", "ViT-B-32"]),
+        ("features.attention_layers", "6-11", ["'all'", "'8,9,10,11'"]),
+    ],
+)
+def test_enumerated_settings_name_the_allowed_values(key, typo, allowed):
+    with pytest.raises(ConfigError) as caught:
+        parse_params({}, overrides={key: typo})
+    message = str(caught.value)
+    assert key in message and repr(typo) in message
+    assert all(value in message for value in allowed), message
+    assert "Value error" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("segment.device", "cuda:1"),
+        ("features.device", "mps"),
+        ("features.model", "litemedsam"),
+        ("features.model", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
+        ("features.model", "ViT-B-16"),
+        ("features.attention_layers", "-4, -3,-2,-1"),
+    ],
+)
+def test_valid_enumerated_settings_pass(key, value):
+    section, name = key.split(".")
+    assert getattr(getattr(parse_params({}, overrides={key: value}), section), name) == value
+
+
+def test_policy_names_in_params_are_the_segmenters_policies():
+    """params.py keeps the names without importing torch; they must be exactly the policies the segmenter knows."""
+    from typing import get_args
+
+    from medfocus.pipeline.config import RoiPolicyName
+    from medfocus.pipeline.segmenters.policies import POLICIES
+
+    assert set(get_args(RoiPolicyName)) == {"auto", *POLICIES}
