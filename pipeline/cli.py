@@ -97,7 +97,8 @@ def prepare(
         params = _load(params_file, {"prepare.test_fraction": test_fraction, "prepare.seed": seed})
         spec, paths = _dataset(dataset, root, params, cache_dir)
         summary = run_prepare(spec, params, paths, progress=not quiet)
-        keys = ("dataset", "images", "counts", "corrupt_count", "duplicate_groups", "duplicate_files_removed", "leaked_train_test", "warnings")
+        keys = ("dataset", "images", "counts", "corrupt_count", "duplicate_groups", "duplicate_files_removed", "leaked_train_test",
+                "near_duplicate_groups", "near_duplicate_files_removed", "near_duplicate_leaks", "near_duplicate_label_conflicts", "warnings")
         _print_json({k: summary[k] for k in keys} | {"corrupt": [c["path"] for c in summary["corrupt"]],
                                                       "leaked": [p for leak in summary["leaks"] for p in leak["removed_from_train"]],
                                                       "summary": str(paths.prepare_summary)})

@@ -50,6 +50,16 @@ class PrepareParams(Section):
     shots: list[int] = Field(default=[1, 2, 4, 8, 16], description="k-shot subset sizes per class.")
     subset_seeds: list[int] = Field(default=[0, 1, 2, 3, 4], description="Seeds of the training subsets.")
     demo_images_per_class: int = Field(default=40, ge=2, description="Size of the generated demo dataset.")
+    near_duplicate_threshold: int | None = Field(
+        default=8, ge=0, le=64,
+        description="Near-copy search: the most bits (of 64) in which two images' perceptual DCT hashes may differ for them "
+                    "to be compared further; resized, re-encoded or brightened copies differ in 0-2 bits, two images of one "
+                    "dataset in 24-30 (median). null turns the near-copy check off (byte-identical duplicates are still found).")
+    near_duplicate_min_correlation: float = Field(
+        default=0.97, gt=0.0, le=1.0,
+        description="Near-copy verification: the least correlation of two candidates' 32x32 structure maps (grey, minus "
+                    "their 8x8 shading), from -1 to 1. Resized, re-encoded or brightened copies score >= 0.98; neighbouring MRI "
+                    "slices of one patient up to 0.97 (benchmarks/README.md, Near-duplicates).")
 
     @field_validator("fractions")
     @classmethod

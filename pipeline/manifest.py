@@ -6,7 +6,8 @@ Layouts understood:
 - a CSV file ``path,label[,split]`` (paths relative to the CSV's folder).
 
 Every file is decoded once; what does not decode is listed and skipped. Byte-identical files are collapsed; one that
-sits in both train and test stays in test only and is reported as leakage.
+sits in both train and test stays in test only and is reported as leakage. Near-copies (resized, re-encoded, brighter)
+are found by a perceptual hash and a structure correlation, see :func:`find_near_duplicates`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import ClassSpec, DatasetSpec, generic_prompts, normalise_class_name
-from .images import ImageDecodeError, file_sha256, is_dicom, load_image
+from .images import ImageDecodeError, ImageSignature, file_sha256, hamming_pairs, image_signature, is_dicom, load_image
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,18 @@ class FoundFile:
     path: Path
     folder: str  # the class as the folder or CSV names it
     split: str | None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A file that decoded: its content hash, size, source mode and perceptual signature."""
+
+    file: FoundFile
+    hash: str
+    width: int
+    height: int
+    mode: str
+    signature: ImageSignature
 
 
 @dataclass(frozen=True)
@@ -137,37 +150,38 @@ def _source_mode(path: Path) -> str:
         return image.mode
 
 
-def inspect_files(found: list[FoundFile], progress: bool = False) -> tuple[list[tuple[FoundFile, str, int, int, str]], list[dict]]:
-    """Decode every file; return (readable files with hash/size/mode, unreadable ones with the reason)."""
+def inspect_files(found: list[FoundFile], progress: bool = False) -> tuple[list[ImageRecord], list[dict]]:
+    """Decode every file; return (readable files with hash, size, mode and signature, unreadable ones with the reason)."""
     from tqdm import tqdm
 
     readable, corrupt = [], []
     for item in tqdm(found, desc="decode", unit="img", disable=not progress):
         try:
             image = load_image(item.path)
-            readable.append((item, file_sha256(item.path), image.shape[1], image.shape[0], _source_mode(item.path)))
+            readable.append(ImageRecord(item, file_sha256(item.path), image.shape[1], image.shape[0], _source_mode(item.path),
+                                        image_signature(image)))
         except (ImageDecodeError, OSError) as error:
             corrupt.append({"path": str(item.path), "reason": str(error)})
     return readable, corrupt
 
 
 # ---------------------------------------------------------------------------------------------------- dedup, leakage
-def collapse_duplicates(readable, mapping: dict[str, str]) -> tuple[list[tuple], dict]:
+def collapse_duplicates(readable: list[ImageRecord], mapping: dict[str, str]) -> tuple[list[ImageRecord], dict]:
     """One record per content hash. Conflicting labels drop the image; train copies of a test image are leakage."""
-    groups: dict[str, list] = defaultdict(list)
+    groups: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in readable:
-        groups[record[1]].append(record)
+        groups[record.hash].append(record)
     kept, duplicate_groups, leaked, conflicts = [], [], [], []
     for digest, records in groups.items():
-        labels = {mapping[r[0].folder] for r in records}
-        paths = [str(r[0].path) for r in records]
+        labels = {mapping[r.file.folder] for r in records}
+        paths = [str(r.file.path) for r in records]
         if len(labels) > 1:
             conflicts.append({"hash": digest, "labels": sorted(labels), "paths": paths})
             continue
-        splits = {r[0].split for r in records}
+        splits = {r.file.split for r in records}
         if "test" in splits and "train" in splits:
-            leaked.append({"hash": digest, "kept_in": "test", "removed_from_train": [str(r[0].path) for r in records if r[0].split == "train"]})
-            records = [r for r in records if r[0].split == "test"]
+            leaked.append({"hash": digest, "kept_in": "test", "removed_from_train": [str(r.file.path) for r in records if r.file.split == "train"]})
+            records = [r for r in records if r.file.split == "test"]
         if len(paths) > 1:
             duplicate_groups.append({"hash": digest, "paths": paths})
         kept.append(records[0])
@@ -180,6 +194,103 @@ def collapse_duplicates(readable, mapping: dict[str, str]) -> tuple[list[tuple],
         "conflicting_labels": conflicts,
     }
     return kept, report
+
+
+def _connected_groups(size: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of the graph whose edges are ``pairs``, singletons left out, each sorted."""
+    parent = list(range(size))
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for a, b in pairs:
+        parent[root(a)] = root(b)
+    members: dict[int, list[int]] = defaultdict(list)
+    for node in sorted({n for pair in pairs for n in pair}):
+        members[root(node)].append(node)
+    return sorted(members.values())
+
+
+def find_near_duplicates(records: list[ImageRecord], mapping: dict[str, str], hash_threshold: int | None,
+                         min_correlation: float) -> tuple[list[ImageRecord], dict]:
+    """Drop near-copies (resized, re-encoded, brighter or darker versions of one image) from the training side.
+
+    Two images are near-copies when their 64-bit perceptual hashes differ in at most ``hash_threshold`` bits and their
+    32x32 structure maps correlate at least ``min_correlation``; near-copies are grouped transitively. Per group:
+
+    - test images are always kept: a perceptual match is a judgement, and the evaluation set must stay the dataset's;
+    - a group with a test image loses all its train images (leakage, like a byte-identical copy in both splits);
+    - a train-only group with more than one label loses all its images: which label is right cannot be told;
+    - a train-only group with one label keeps its first image by path, like byte-identical duplicates.
+
+    Images without a split count as train: prepare runs this before it makes its split, so near-copies are collapsed
+    first and the random split cannot put two copies of one image on both sides.
+    Returns the kept records (in their input order) and the report for prepare.json.
+    """
+    report: dict = {"near_duplicate_pairs": 0, "near_duplicate_groups": 0, "near_duplicate_files_removed": 0,
+                    "near_duplicate_leaks": 0, "near_duplicate_label_conflicts": 0,
+                    "near_duplicates": {"groups": [], "pairs": []}}
+    if hash_threshold is None or len(records) < 2:
+        return list(records), report
+    ordered = sorted(records, key=lambda r: str(r.file.path))
+    hashes = np.array([r.signature.phash for r in ordered], dtype=np.uint64)
+    candidates = hamming_pairs(hashes, hash_threshold)
+    if not candidates:
+        return list(records), report
+    first, second, distance = (np.array(column) for column in zip(*candidates))
+    structures = np.stack([r.signature.structure for r in ordered])
+    correlation = np.einsum("ij,ij->i", structures[first], structures[second])
+    verified = np.nonzero(correlation >= min_correlation)[0]
+    pairs = [(int(first[k]), int(second[k]), int(distance[k]), float(correlation[k])) for k in verified]
+
+    def label(index: int) -> str:
+        return mapping[ordered[index].file.folder]
+
+    def split(index: int) -> str:
+        return ordered[index].file.split or "train"
+
+    def path(index: int) -> str:
+        return str(ordered[index].file.path)
+
+    removed: set[int] = set()
+    group_of: dict[int, int] = {}
+    for number, members in enumerate(_connected_groups(len(ordered), [(a, b) for a, b, _, _ in pairs])):
+        labels = sorted({label(i) for i in members})
+        train = [i for i in members if split(i) == "train"]
+        has_test = len(train) < len(members)
+        if has_test:
+            dropped, action = train, "train images removed: near-copies of a test image (test kept)"
+        elif len(labels) > 1:
+            dropped, action = train, f"all removed: one image filed under {labels}, the right label is unknown"
+        else:
+            dropped, action = train[1:], "first image by path kept, the other near-copies removed"
+        if len(labels) > 1 and has_test:
+            action += f"; label conflict {labels}: the test image keeps its label"
+        kind = "label_conflict" if len(labels) > 1 else ("train_test_leak" if has_test and train else "duplicate")
+        removed.update(dropped)
+        report["near_duplicate_leaks"] += len(dropped) if has_test else 0
+        report["near_duplicate_label_conflicts"] += kind == "label_conflict"
+        report["near_duplicates"]["groups"].append({
+            "group": number, "kind": kind, "action": action,
+            "paths": [path(i) for i in members], "labels": [label(i) for i in members], "splits": [split(i) for i in members],
+            "kept": [path(i) for i in members if i not in dropped], "removed": [path(i) for i in dropped],
+        })
+        group_of.update(dict.fromkeys(members, number))
+    for a, b, bits, corr in pairs:
+        kind = "label_conflict" if label(a) != label(b) else ("train_test_leak" if split(a) != split(b) else "duplicate")
+        report["near_duplicates"]["pairs"].append({
+            "paths": [path(a), path(b)], "labels": [label(a), label(b)], "splits": [split(a), split(b)],
+            "hash_distance": bits, "correlation": round(corr, 4), "group": group_of[a], "kind": kind,
+            "removed": [path(i) for i in (a, b) if i in removed],
+        })
+    report["near_duplicate_pairs"] = len(pairs)
+    report["near_duplicate_groups"] = len(report["near_duplicates"]["groups"])
+    report["near_duplicate_files_removed"] = len(removed)
+    removed_paths = {ordered[i].file.path for i in removed}
+    return [r for r in records if r.file.path not in removed_paths], report
 
 
 # ---------------------------------------------------------------------------------------------------- splits

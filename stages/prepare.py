@@ -17,6 +17,7 @@ from medfocus.pipeline.manifest import (
     FoundFile,
     collapse_duplicates,
     discover,
+    find_near_duplicates,
     inspect_files,
     match_classes,
     stratified_test_split,
@@ -78,17 +79,25 @@ def prepare(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bo
     for item in corrupt:
         log.warning("skipped unreadable file %s: %s", item["path"], item["reason"])
     kept, duplicates = collapse_duplicates(readable, folder_to_class)
+    # Before the split: near-copies of one image are collapsed first, so a random split cannot leak them.
+    kept, near_duplicates = find_near_duplicates(kept, folder_to_class, settings.near_duplicate_threshold,
+                                                 settings.near_duplicate_min_correlation)
+    if near_duplicates["near_duplicate_groups"]:
+        log.warning("%d group(s) of near-copies: %d train image(s) removed (%d of them near-copies of a test image), "
+                    "%d label conflict(s); every pair is listed in %s", near_duplicates["near_duplicate_groups"],
+                    near_duplicates["near_duplicate_files_removed"], near_duplicates["near_duplicate_leaks"],
+                    near_duplicates["near_duplicate_label_conflicts"], paths.prepare_summary)
 
-    labels = {record[1]: folder_to_class[record[0].folder] for record in kept}
+    labels = {record.hash: folder_to_class[record.file.folder] for record in kept}
     warnings: list[str] = []
-    has_test = any(record[0].split == "test" for record in kept)
+    has_test = any(record.file.split == "test" for record in kept)
     if has_test:
-        split_of = {record[1]: (record[0].split or "train") for record in kept}
+        split_of = {record.hash: (record.file.split or "train") for record in kept}
     else:
         split_of, warnings = stratified_test_split(labels, settings.test_fraction, settings.seed)
     entries = sorted(
-        (Entry(digest, _relative(item.path, spec.root), labels[digest], split_of[digest], width, height, mode)
-         for item, digest, width, height, mode in kept),
+        (Entry(r.hash, _relative(r.file.path, spec.root), labels[r.hash], split_of[r.hash], r.width, r.height, r.mode)
+         for r in kept),
         key=lambda e: (e.split, e.label, e.path),
     )
     counts = {split: dict(sorted(Counter(e.label for e in entries if e.split == split).items())) for split in ("train", "test")}
@@ -119,6 +128,7 @@ def prepare(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bo
         "corrupt": corrupt,
         "corrupt_count": len(corrupt),
         **duplicates,
+        **near_duplicates,
         "warnings": list(dict.fromkeys(warnings)),
         "listing": listing,
         "params": settings.model_dump(),
