@@ -81,3 +81,45 @@ def write_gallery(prepared: PreparedDataset, store: ImageStore, output: Path, co
     figure.savefig(output, dpi=110)
     plt.close(figure)
     return output
+
+
+_KIND_ORDER = {"label_conflict": 0, "train_test_leak": 1, "duplicate": 2}
+
+
+def write_near_duplicate_gallery(pairs: list[dict], output: Path, count: int = 6, title: str = "") -> Path:
+    """Up to ``count`` near-copy pairs side by side, one row per pair, saved as PNG.
+
+    ``pairs`` are prepare.json's ``near_duplicates.pairs``. Label conflicts come first, then train/test leaks, then
+    duplicates, each weakest match first: those are the pairs that show whether the threshold separates copies from
+    distinct images. Each image is titled with its label, split and whether prepare removed it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if not pairs:
+        raise ValueError("no near-duplicate pairs to draw: prepare found none (see near_duplicate_pairs in prepare.json)")
+    chosen = sorted(pairs, key=lambda p: (_KIND_ORDER.get(p["kind"], len(_KIND_ORDER)), p["correlation"]))[:count]
+    figure, axes = plt.subplots(len(chosen), 2, figsize=(5.6, 2.9 * len(chosen)), squeeze=False)
+    for row, pair in enumerate(chosen):
+        for column, path in enumerate(pair["paths"]):
+            axis = axes[row, column]
+            axis.imshow(load_image(path))
+            removed = " · removed" if path in pair["removed"] else ""
+            name = Path(path).name
+            name = name if len(name) <= 36 else f"{name[:20]}…{name[-15:]}"
+            axis.set_title(f"{name}\n{pair['labels'][column]} · {pair['splits'][column]}{removed}", fontsize=7)
+            axis.axis("off")
+        axes[row, 0].text(1.04, -0.04, f"{pair['kind'].replace('_', ' ')}: {pair['hash_distance']} bits, "
+                                        f"correlation {pair['correlation']:.3f}",
+                          transform=axes[row, 0].transAxes, ha="center", va="top", fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
