@@ -1,4 +1,5 @@
-"""The dataset registry: built-in datasets as data, plus those a user adds in params.yaml, plus ad-hoc folders.
+"""The dataset registry: built-in datasets as data (``datasets.json`` beside this module, and the demo), plus those
+a user adds in params.yaml, plus ad-hoc folders.
 
 A dataset is a name, a default root (``data/<name>``), its classes (with the folder names that hold them) and text
 prompts per class. ``--dataset NAME --root PATH`` with a NAME nobody registered treats PATH as a folder-per-class
@@ -7,13 +8,16 @@ dataset whose classes are its folders.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 from .config import DatasetDefinition, Params
 
 DATA_ROOT = Path("data")
+REGISTERED_DATASETS_FILE = "datasets.json"
 
 
 @dataclass(frozen=True)
@@ -63,78 +67,23 @@ def generic_prompts(class_name: str, modality: str) -> tuple[str, ...]:
     )
 
 
-def _cls(name: str, prompts: list[str], folders: tuple[str, ...] = ()) -> ClassSpec:
-    return ClassSpec(name=name, prompts=tuple(prompts), folders=folders)
+def _registered_definitions() -> dict[str, DatasetDefinition]:
+    """The registered datasets' modality, classes, folder names and prompts: package data (datasets.json), so that
+    prompts are edited in one file; each entry is validated like a ``custom_datasets`` entry of params.yaml."""
+    text = resources.files("medfocus.pipeline").joinpath(REGISTERED_DATASETS_FILE).read_text(encoding="utf-8")
+    return {name: DatasetDefinition.model_validate({"root": str(DATA_ROOT / name), **entry})
+            for name, entry in json.loads(text).items()}
 
 
 def _builtin() -> dict[str, DatasetSpec]:
     from .demo import DEMO_CLASSES, DEMO_PROMPTS
 
-    specs = [
-        DatasetSpec("covid", DATA_ROOT / "covid", "chest X-ray", (
-            _cls("covid", ["a chest X-ray showing COVID-19 pneumonia",
-                           "a chest radiograph with bilateral peripheral ground-glass opacities from COVID-19",
-                           "a frontal chest X-ray of a patient with SARS-CoV-2 infection",
-                           "a chest X-ray with multifocal patchy consolidation typical of COVID-19"]),
-            _cls("normal", ["a normal chest X-ray",
-                            "a chest radiograph with clear lungs and no acute findings",
-                            "a frontal chest X-ray of healthy lungs",
-                            "a chest X-ray without consolidation or effusion"]),
-            _cls("viral_pneumonia", ["a chest X-ray showing viral pneumonia",
-                                     "a chest radiograph with diffuse interstitial opacities from viral pneumonia",
-                                     "a frontal chest X-ray of a patient with non-COVID viral pneumonia",
-                                     "a chest X-ray with bilateral perihilar infiltrates of viral pneumonia"]),
-        )),
-        DatasetSpec("lung_disease", DATA_ROOT / "lung_disease", "chest X-ray", (
-            _cls("bacterial_pneumonia", ["a chest X-ray showing bacterial pneumonia",
-                                         "a chest radiograph with lobar consolidation from bacterial pneumonia",
-                                         "a frontal chest X-ray with a dense focal infiltrate"]),
-            _cls("covid", ["a chest X-ray showing COVID-19 pneumonia",
-                           "a chest radiograph with bilateral ground-glass opacities from COVID-19",
-                           "a frontal chest X-ray of a patient with SARS-CoV-2 infection"],
-                 folders=("corona_virus_disease", "covid_19")),
-            _cls("normal", ["a normal chest X-ray",
-                            "a chest radiograph with clear lungs and no acute findings",
-                            "a frontal chest X-ray of healthy lungs"]),
-            _cls("tuberculosis", ["a chest X-ray showing pulmonary tuberculosis",
-                                  "a chest radiograph with upper lobe cavitation and fibronodular opacities",
-                                  "a frontal chest X-ray of a patient with tuberculosis"]),
-            _cls("viral_pneumonia", ["a chest X-ray showing viral pneumonia",
-                                     "a chest radiograph with diffuse interstitial opacities from viral pneumonia",
-                                     "a frontal chest X-ray of a patient with viral pneumonia"]),
-        )),
-        DatasetSpec("brain_tumor", DATA_ROOT / "brain_tumor", "brain MRI", (
-            _cls("glioma_tumor", ["a brain MRI showing a glioma",
-                                  "an MRI slice of the brain with an infiltrative intra-axial glioma",
-                                  "a brain MRI with an irregular enhancing mass in the cerebral white matter"]),
-            _cls("meningioma_tumor", ["a brain MRI showing a meningioma",
-                                      "an MRI slice of the brain with an extra-axial dural-based meningioma",
-                                      "a brain MRI with a well-circumscribed mass attached to the meninges"]),
-            _cls("no_tumor", ["a normal brain MRI without a tumor",
-                              "an MRI slice of a healthy brain",
-                              "a brain MRI with no mass lesion"]),
-            _cls("pituitary_tumor", ["a brain MRI showing a pituitary tumor",
-                                     "an MRI slice of the brain with a sellar pituitary adenoma",
-                                     "a brain MRI with a mass in the pituitary fossa"]),
-        )),
-        DatasetSpec("breast_cancer", DATA_ROOT / "breast_cancer", "breast ultrasound", (
-            _cls("benign", ["a breast ultrasound showing a benign lesion",
-                            "a breast ultrasound image of a well-circumscribed oval hypoechoic mass",
-                            "an ultrasound of the breast with a benign fibroadenoma"]),
-            _cls("malignant", ["a breast ultrasound showing a malignant tumor",
-                               "a breast ultrasound image of an irregular spiculated hypoechoic mass",
-                               "an ultrasound of the breast with breast cancer and posterior shadowing"]),
-            _cls("normal", ["a normal breast ultrasound",
-                            "a breast ultrasound image of normal fibroglandular tissue without a mass",
-                            "an ultrasound of a healthy breast"]),
-        )),
-        DatasetSpec("demo", DATA_ROOT / "demo", "synthetic ultrasound",
-                    tuple(_cls(name, list(DEMO_PROMPTS[name])) for name in DEMO_CLASSES),
-                    ignore_folders=("lesion_masks",)),
-    ]
-    return {spec.name: spec for spec in specs}
-
-
+    specs = {name: _from_definition(name, definition) for name, definition in _registered_definitions().items()}
+    # The demo's prompts stay beside the generator that draws what they describe.
+    specs["demo"] = DatasetSpec("demo", DATA_ROOT / "demo", "synthetic ultrasound",
+                                tuple(ClassSpec(name, tuple(DEMO_PROMPTS[name])) for name in DEMO_CLASSES),
+                                ignore_folders=("lesion_masks",))
+    return specs
 
 
 def _from_definition(name: str, definition: DatasetDefinition) -> DatasetSpec:

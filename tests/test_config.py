@@ -128,3 +128,24 @@ def test_policy_names_in_params_are_the_segmenters_policies():
     from medfocus.pipeline.segmenters.policies import POLICIES
 
     assert set(get_args(RoiPolicyName)) == {"auto", *POLICIES}
+
+
+def test_registered_datasets_come_from_the_packaged_data_file():
+    import json
+    from pathlib import Path
+
+    from medfocus.pipeline import datasets
+
+    data_file = Path(datasets.__file__).with_name(datasets.REGISTERED_DATASETS_FILE)
+    definitions = json.loads(data_file.read_text(encoding="utf-8"))
+    specs = datasets.registry()
+    assert set(definitions) | {"demo"} == set(specs)
+    for name, definition in definitions.items():
+        spec = specs[name]
+        assert spec.modality == definition["modality"] and str(spec.root) == f"data/{name}"
+        assert [(c.name, list(c.prompts), list(c.folders)) for c in spec.classes] == [
+            (c["name"], c["prompts"], c.get("folders", [])) for c in definition["classes"]]
+    # A wheel ships the file only when pyproject names it as package data.
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert datasets.REGISTERED_DATASETS_FILE in pyproject["tool"]["setuptools"]["package-data"]["medfocus.pipeline"]
