@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import threading
+from contextlib import contextmanager
 from importlib import metadata
 
 TRACKED_PACKAGES = (
@@ -11,6 +13,24 @@ TRACKED_PACKAGES = (
 )
 
 RANDOM_INIT = "random-init"
+# Random-init weights come from this seed, so two runs of a random-init model agree (and may share a cache key).
+RANDOM_INIT_SEED = 0
+
+_seeded_construction_lock = threading.Lock()
+
+
+@contextmanager
+def seeded_construction():
+    """Build modules from the fixed random-init seed without touching the caller's RNG state.
+
+    The lock matters: torch's CPU generator is shared by all threads, so two models built at once in worker threads
+    would interleave their draws and get different random weights.
+    """
+    import torch
+
+    with _seeded_construction_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
 
 
 def package_versions() -> dict[str, str]:

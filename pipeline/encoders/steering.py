@@ -6,6 +6,7 @@ Pixel-space modes change the picture before it is encoded:
 * ``overlay``   - every mask of the label map painted translucent in its own colour (MedFocusCLIP, paper Fig. 3).
 * ``blur``      - everything outside the ROI Gaussian-blurred; ROI pixels are left exactly as they were.
 * ``crop``      - the ROI bounding box grown by a margin, made square where the image allows, and cut out.
+* ``dual``      - the image as it is, and beside its features an ROI view: the encoder's tokens pooled over the ROI.
 
 ``attention`` leaves the pixels alone and acts inside the transformer: :func:`roi_patch_weights` gives the share of
 each ViT patch inside the ROI and :func:`attention_bias` turns it into an additive bias on the attention logits of
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-STEERING_MODES = ("none", "overlay", "blur", "crop", "attention")
+from medfocus.pipeline.patch_grid import roi_patch_weights  # noqa: F401  (part of steering's interface)
+
+STEERING_MODES = ("none", "overlay", "blur", "crop", "attention", "dual")
 
 # Defaults of every mode's parameters; the cache key is built from the completed, canonical dict.
 DEFAULT_STEERING_PARAMS: dict[str, dict[str, Any]] = {
@@ -42,6 +45,8 @@ DEFAULT_STEERING_PARAMS: dict[str, dict[str, Any]] = {
     # strength: logit bias of a patch fully outside the ROI (its attention weight shrinks by exp(-strength));
     # layers: transformer blocks that get the bias, "all" or a list of block indices.
     "attention": {"strength": 2.0, "layers": "all"},
+    # dual: the whole image as it is, plus an ROI view (the ROI-pooled embedding) stored beside it.
+    "dual": {},
 }
 
 # Distinct, colour-blind-friendly colours (matplotlib's tab10) for the overlay; label k gets colour (k - 1) mod 10.
@@ -195,12 +200,12 @@ def steer_image(image: np.ndarray, roi: np.ndarray, labels: np.ndarray, mode: st
     """Apply a pixel-space steering ``mode`` to ``image`` (H, W, 3) uint8 RGB.
 
     ``roi`` (bool) and ``labels`` (uint16, 0 = background) are at mask-store resolution and are resized to the image
-    with nearest neighbour. ``none`` and ``attention`` return the image unchanged (attention steers inside the
+    with nearest neighbour. ``none``, ``attention`` and ``dual`` return the image unchanged (attention steers inside the
     encoder), and so does every mode when the ROI is empty (for ``overlay``: when ``labels`` has no mask).
     """
     image = _check_image(image)
     settings = steering_params(mode, **params)
-    if mode in ("none", "attention"):
+    if mode in ("none", "attention", "dual"):
         return image
     roi = np.asarray(roi, dtype=bool)
     if mode == "overlay":
@@ -214,40 +219,6 @@ def steer_image(image: np.ndarray, roi: np.ndarray, labels: np.ndarray, mode: st
         return blur_outside(image, resize_mask_nearest(roi, image.shape[:2]), settings["sigma"])
     top, bottom, left, right = crop_box(roi, image.shape[:2], settings["margin"])
     return np.ascontiguousarray(image[top:bottom, left:right])
-
-
-def _cell_coverage(n_pixels: int, n_cells: int, start: float, extent: float) -> np.ndarray:
-    """(n_cells, n_pixels): the share of each grid cell covered by each pixel.
-
-    Pixels tile ``[start, start + extent)`` of the unit interval, cells tile ``[0, 1)``: exact interval overlaps,
-    so the result is right whether or not the grid divides the mask.
-    """
-    pixel_edges = start + extent * np.arange(n_pixels + 1) / n_pixels
-    cell_edges = np.arange(n_cells + 1) / n_cells
-    low = np.maximum(cell_edges[:-1, None], pixel_edges[None, :-1])
-    high = np.minimum(cell_edges[1:, None], pixel_edges[None, 1:])
-    return np.clip(high - low, 0.0, None) * n_cells
-
-
-def roi_patch_weights(roi: np.ndarray, grid: tuple[int, int], image_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """(gh * gw,) float32: the fraction of each encoder patch (row-major) that lies inside ``roi``, in [0, 1].
-
-    ``roi`` covers the whole image at any resolution. Encoders letterbox the image (see ``preprocess``): its
-    longer side fills the square input and the shorter one is centred between black bars, so a non-square
-    ``image_shape`` (H, W, ...) puts the ROI in the middle band and the bars' patches get weight 0. Without
-    ``image_shape`` the image is taken to be square.
-    """
-    roi = np.asarray(roi, dtype=bool)
-    if roi.ndim != 2:
-        raise ValueError(f"roi must be a 2-D mask, got shape {roi.shape}")
-    grid_h, grid_w = grid
-    height, width = (image_shape[0], image_shape[1]) if image_shape is not None else (1, 1)
-    longer = max(height, width)
-    extent_y, extent_x = height / longer, width / longer
-    rows = _cell_coverage(roi.shape[0], grid_h, (1.0 - extent_y) / 2, extent_y)
-    cols = _cell_coverage(roi.shape[1], grid_w, (1.0 - extent_x) / 2, extent_x)
-    weights = rows @ roi.astype(np.float64) @ cols.T
-    return np.clip(weights, 0.0, 1.0).astype(np.float32).reshape(-1)
 
 
 def attention_bias(weights: np.ndarray | torch.Tensor, strength: float) -> torch.Tensor:

@@ -32,6 +32,9 @@ class SegmentationResult:
     roi: np.ndarray
     masks: list[dict]
     roi_index: int | None
+    # The image's encoder embedding summarised for the feature stores (pipeline.medsam_lite.summarize_embedding), when
+    # the backend's encoder is also a feature encoder (LiteMedSAM); the segment stage stores it so nothing encodes twice.
+    embedding: dict[str, np.ndarray] | None = None
 
 
 @runtime_checkable

