@@ -31,6 +31,15 @@ class DatasetPaths:
     def prepare_summary(self) -> Path:
         return self.dir / "prepare.json"
 
+    # resolve: the content specs of the per-image stages (DVC's dependencies of segment and features)
+    @property
+    def segment_spec(self) -> Path:
+        return self.dir / "segment.spec.json"
+
+    @property
+    def features_spec(self) -> Path:
+        return self.dir / "features.spec.json"
+
     # segment
     @property
     def masks_dir(self) -> Path:

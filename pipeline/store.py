@@ -122,3 +122,111 @@ class ImageStore:
             return name in self.root["shared"].array_keys()
         except KeyError:
             return False
+
+
+class StoreMissingError(FileNotFoundError):
+    """The store that today's settings call for has not been made yet; the message names the command that makes it."""
+
+
+def _open_existing(cls, url: str, key: str, missing: str):
+    try:
+        store = cls(url, read_only=True)
+    except FileNotFoundError:
+        raise StoreMissingError(missing) from None
+    if store.attrs.get("key") != key:
+        raise StoreMismatchError(f"{url} holds a store with key {store.attrs.get('key')!r}, not {key!r}")
+    return store
+
+
+# Per-image arrays of a mask store, and the LiteMedSAM embedding summary kept beside them (see medsam_lite).
+MASK_ARRAYS = ("labels", "roi")
+EMBEDDING_ARRAYS = ("global", "patches", "roi_weights", "roi_global")
+EMBEDDING_PREFIX = "embedding_"
+
+
+class MaskStore(ImageStore):
+    """The segment stage's store: per image the label map, the ROI and (LiteMedSAM) the pooled image embedding."""
+
+    kind = "masks"
+
+    @classmethod
+    def create(cls, url: str, key: str, spec: dict, provenance: dict) -> "MaskStore":
+        base = ImageStore.create_or_open(url, key, spec, provenance)
+        return cls(base.url)
+
+    @classmethod
+    def lookup(cls, url: str, key: str, dataset: str) -> "MaskStore":
+        return _open_existing(cls, url, key, f"no masks for {dataset!r} with today's segment settings yet: run "
+                                             f"`medfocus segment --dataset {dataset}` first")
+
+    def write(self, digest: str, labels: np.ndarray, roi: np.ndarray, attrs: dict,
+              embedding: dict[str, np.ndarray] | None = None) -> None:
+        arrays = {"labels": labels.astype(np.uint16), "roi": roi.astype(bool)}
+        for name, array in (embedding or {}).items():
+            arrays[EMBEDDING_PREFIX + name] = np.asarray(array, dtype=np.float32)
+        self.write_image(digest, arrays, attrs)
+
+    def read_masks(self, digest: str) -> tuple[np.ndarray, np.ndarray]:
+        """An image's ROI and label map, or an error saying why there are none."""
+        try:
+            arrays, _ = self.read_image(digest, MASK_ARRAYS)
+        except IncompleteImageError:
+            raise IncompleteImageError(
+                f"no masks for this image in {self.url}: its segmentation failed or was interrupted (see segment.json); "
+                "rerun `medfocus segment`"
+            ) from None
+        return arrays["roi"], arrays["labels"]
+
+    def read_embedding(self, digest: str) -> dict[str, np.ndarray]:
+        """The image's pooled embedding (global, patches, roi_weights, roi_global), stored by a LiteMedSAM segmenter."""
+        try:
+            arrays, _ = self.read_image(digest, tuple(EMBEDDING_PREFIX + name for name in EMBEDDING_ARRAYS))
+        except IncompleteImageError:
+            raise IncompleteImageError(
+                f"no embedding for this image in {self.url}: its segmentation failed or was interrupted (see "
+                "segment.json); rerun `medfocus segment`"
+            ) from None
+        return {name: arrays[EMBEDDING_PREFIX + name] for name in EMBEDDING_ARRAYS}
+
+
+FEATURE_ARRAYS = ("global", "patches", "roi_weights")
+TEXT = "text"
+
+
+class FeatureStore(ImageStore):
+    """One ROI mode's feature store: per image ``global``, ``patches``, ``roi_weights`` (and ``roi_global`` in mode
+    ``dual``); once per store the class prompts' text embeddings, with the prompts they were made from."""
+
+    kind = "features"
+
+    @classmethod
+    def create(cls, url: str, key: str, spec: dict, provenance: dict) -> "FeatureStore":
+        base = ImageStore.create_or_open(url, key, spec, provenance)
+        return cls(base.url)
+
+    @classmethod
+    def lookup(cls, url: str, key: str, dataset: str, mode: str) -> "FeatureStore":
+        return _open_existing(cls, url, key, f"no {mode!r} features for {dataset!r} with today's settings yet: run "
+                                             f"`medfocus features --dataset {dataset} --mode {mode}` first")
+
+    @property
+    def mode(self) -> str:
+        return self.attrs["spec"]["mode"]
+
+    def write_features(self, digest: str, arrays: dict[str, np.ndarray], dtype: np.dtype) -> None:
+        stored = {name: np.asarray(array).astype(np.float32 if name == "roi_weights" else dtype)
+                  for name, array in arrays.items()}
+        self.write_image(digest, stored)
+
+    def array_names(self) -> tuple[str, ...]:
+        return FEATURE_ARRAYS + (("roi_global",) if self.mode == "dual" else ())
+
+    def text_matches(self, text: dict | None) -> bool:
+        """Whether the stored text embeddings were made from exactly these class names and prompts."""
+        if text is None:
+            return not self.has_shared(TEXT)
+        return self.has_shared(TEXT) and self.read_shared(TEXT)[1].get("text") == json.loads(canonical_json(text))
+
+    def write_text(self, text: dict, embeddings: np.ndarray, class_index: list[int], prompts: list[str]) -> None:
+        self.write_shared(TEXT, embeddings, {"text": text, "prompts": prompts, "class_index": class_index,
+                                             "class_names": text["class_names"]})

@@ -1,25 +1,31 @@
 """The features stage: images (+ their ROI from the mask store) through a frozen encoder once, into Zarr.
 
-One store per ROI steering mode, at ``cache/<dataset>/features/<key>.zarr``; the key hashes the encoder's identity
-(model, weights source and checksum, image size), the mode and its parameters, the mask store's key (for modes that
-use masks) and the stored dtype. Per image: ``global`` (D), ``patches`` (L × D), ``roi_weights`` (L). Once per store:
-the text embedding of every class prompt (``shared/text``), when the encoder has a text tower.
+One store per ROI steering mode, at ``cache/<dataset>/features/<key>.zarr``; the key hashes the store's spec
+(pipeline.specs: the encoder and its resolved weights sha256, the mode and its parameters, the mask store's key where
+masks or the stored embedding are used, the dtype, the code that computes features). Per image: ``global`` (D),
+``patches`` (L × D), ``roi_weights`` (L), and in mode ``dual`` also ``roi_global`` (D, the ROI view: the encoder's
+tokens pooled over the ROI). Once per store: the text embedding of every class prompt (``shared/text``) for encoders
+with a text tower, rewritten whenever the prompts change.
 
-The encoder's weights are resolved once, by the driver; every worker rebuilds that same encoder from the resolution
-(see :func:`resolve_encoder`) and checks its description against the driver's before it encodes anything.
+With LiteMedSAM (the offline default) the modes ``none`` and ``dual`` cost no encoder pass: the segment stage stored
+each image's embedding with its masks, and this stage copies it. Other modes and encoders encode here; the encoder is
+built in each worker from the driver's resolved spec (no second hub look-up) and checked against it.
+
+Outputs: ``features.json`` (content only: what each store holds; DVC's dependency of later stages) and
+``features.run.json`` (how the run went).
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from medfocus.pipeline.config import FeaturesParams, Params
+from medfocus.pipeline.config import Params
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.encoders import (
     ImageEncoder,
@@ -27,179 +33,74 @@ from medfocus.pipeline.encoders import (
     attention_bias,
     create_encoder,
     crop_box,
+    letterbox,
     resize_mask_nearest,
     roi_patch_weights,
     steer_image,
-    steering_params,
 )
-from medfocus.pipeline.encoders.factory import LITEMEDSAM
-from medfocus.pipeline.encoders.steering import canonical_layers
-from medfocus.pipeline.encoders.weights import HOW_TO_PROVIDE_WEIGHTS, WeightsPlan, plan_open_clip_weights
+from medfocus.pipeline.encoders.weights import HOW_TO_PROVIDE_WEIGHTS, WeightsPlan
 from medfocus.pipeline.manifest import write_json
-from medfocus.pipeline.paths import DatasetPaths, read_json
-from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
+from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.provenance import RANDOM_INIT, package_versions
 from medfocus.pipeline.runner import Outcome, WorkItem, run_incremental
-from medfocus.pipeline.store import ImageStore, IncompleteImageError, canonical_json, store_key
+from medfocus.pipeline.specs import LITEMEDSAM, EncoderSpec, FeatureStoreSpec, FeaturesSpec, resolve_encoder
+from medfocus.pipeline.store import FeatureStore, MaskStore, canonical_json
 
 from .common import (
-    PreparedDataset,
     check_same_model,
+    done_digest,
     load_manifest_image,
     load_prepared,
     per_thread_model,
+    run_file,
     set_torch_threads,
 )
-from .segment import current_mask_store
+from .stores import current_mask_store, feature_store_url, resolve_features_for
 
 log = logging.getLogger(__name__)
 
-FEATURE_STORE_FORMAT = 1
-MODES_WITHOUT_MASKS = ("none",)
 
-
-def encoder_options(settings: FeaturesParams) -> dict:
-    return {
-        "model": settings.model,
-        "pretrained": settings.pretrained,
-        "allow_random_init": settings.allow_random_init,
-        "device": settings.device,
-        "attention_layers": canonical_layers(settings.attention_layers),
-    }
-
-
-def resolve_encoder(options: dict) -> tuple[ImageEncoder, dict]:
-    """Build the encoder of ``options`` here, once, and the recipe that rebuilds exactly it in a worker.
-
-    Resolving ``pretrained`` (``auto`` above all) may download, or offline wait for the hub client's retries; a worker
-    that resolved it again would repeat that. The recipe carries the resolved weights plan instead: the checkpoint file
-    found, or none for the seeded random init, together with what the plan chose besides the file (QuickGELU for
-    openai weights, the tag's preprocessing), so that a random-init fallback is the very model the driver built.
-    """
-    if options["model"].lower() == LITEMEDSAM:
-        recipe = {"options": options, "plan": None}  # its weights ship inside its package: nothing to resolve
-    else:
-        plan = plan_open_clip_weights(options["model"], options["pretrained"], options["allow_random_init"])
-        recipe = {"options": options, "plan": asdict(plan)}
-    encoder = shared_encoder(recipe)
-    recipe["encoder"] = encoder.describe()
-    return encoder, recipe
-
-
-def _encoder_from_recipe(recipe: dict) -> ImageEncoder:
-    plan = recipe["plan"]
-    if plan is None:  # LiteMedSAM: its weights ship inside its package
-        return create_encoder(**recipe["options"])
-    if plan["checkpoint"] is not None and not Path(plan["checkpoint"]).is_file():
+def build_encoder(build: dict) -> ImageEncoder:
+    """The encoder of a resolved spec's build options: exactly the driver's weights, no second hub request."""
+    options = dict(build)
+    plan = options.pop("weights_plan", None)
+    checkpoint = plan and plan["checkpoint"]
+    if checkpoint is not None and not Path(checkpoint).is_file():
         # A remote worker without the driver's weights file finds its own (checked against the driver's afterwards).
-        return create_encoder(**recipe["options"])
-    known_sha256 = recipe.get("encoder", {}).get("weights_sha256")
-    return create_encoder(**recipe["options"], weights_plan=WeightsPlan(**plan), weights_sha256=known_sha256)
+        options.pop("weights_sha256")
+        return create_encoder(**options)
+    if plan is not None:
+        options["weights_plan"] = WeightsPlan(**plan)
+    return create_encoder(**options)
 
 
-def shared_encoder(recipe: dict) -> ImageEncoder:
-    """The encoder of a recipe, one per thread (the driver's is reused by work that runs in its thread)."""
-    key = "encoder:" + canonical_json({"options": recipe["options"], "plan": recipe["plan"]})
-    return per_thread_model(key, lambda: _encoder_from_recipe(recipe))
-
-
-def mode_params(settings: FeaturesParams, mode: str) -> dict:
-    """The canonical parameters of ``mode`` (only its own: a blur setting must not change the crop store's key)."""
-    given = {
-        "overlay": {"alpha": settings.overlay_alpha},
-        "blur": {"sigma": settings.blur_sigma},
-        "crop": {"margin": settings.crop_margin},
-        "attention": {"strength": settings.attention_strength, "layers": settings.attention_layers},
-    }
-    return steering_params(mode, **given.get(mode, {}))
-
-
-def feature_store_spec(encoder_description: dict, mode: str, params: dict, mask_store_key: str | None, dtype: str) -> dict:
-    return {"format": FEATURE_STORE_FORMAT, "encoder": encoder_description, "mode": mode, "steering": params,
-            "mask_store": mask_store_key, "dtype": dtype}
+def shared_encoder(build: dict) -> ImageEncoder:
+    """The encoder of a spec, one per thread (the driver's is reused by work that runs in its thread)."""
+    return per_thread_model("encoder:" + canonical_json(build), lambda: build_encoder(build))
 
 
 def steer(image: np.ndarray, roi: np.ndarray | None, labels: np.ndarray | None, mode: str, params: dict,
-          grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+          encoder: ImageEncoder) -> tuple[np.ndarray, np.ndarray]:
     """The image the encoder sees under ``mode`` and the ROI weight of each of its patches."""
     if roi is None:
-        return image, np.zeros(grid[0] * grid[1], dtype=np.float32)
+        return image, np.zeros(encoder.grid[0] * encoder.grid[1], dtype=np.float32)
     steered = steer_image(image, roi, labels, mode, **params)
     if mode == "crop" and roi.any():
         top, bottom, left, right = crop_box(roi, image.shape[:2], params["margin"])
         roi_in_view = resize_mask_nearest(roi, image.shape[:2])[top:bottom, left:right]
     else:
         roi_in_view = roi
-    return steered, roi_patch_weights(roi_in_view, grid, steered.shape)
+    return steered, roi_patch_weights(roi_in_view, encoder.grid, steered.shape, placement=encoder.placement)
 
 
-def read_masks(masks: ImageStore, digest: str) -> tuple[np.ndarray, np.ndarray]:
-    """An image's ROI and label map, or an error saying why there are none."""
-    try:
-        arrays, _ = masks.read_image(digest, ("roi", "labels"))
-    except IncompleteImageError:
-        raise IncompleteImageError(
-            f"no masks for this image in {masks.url}: its segmentation failed or was interrupted (see segment.json); "
-            "rerun `medfocus segment`"
-        ) from None
-    return arrays["roi"], arrays["labels"]
+def roi_pooled(patch_tokens: np.ndarray, roi_weights: np.ndarray, global_embedding: np.ndarray) -> np.ndarray:
+    """The ROI view of an encoder without a finer map: its patch tokens averaged with the ROI weights (B, D).
 
-
-def _encode_chunk(items: list[WorkItem], context: dict) -> list[Outcome]:
-    set_torch_threads(context["workers"])
-    try:
-        encoder = shared_encoder(context["recipe"])
-        check_same_model(encoder.describe(), context["recipe"]["encoder"], "encoder")
-    except Exception as error:  # a worker that cannot build the driver's encoder fails its images, with the reason
-        return [Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}") for item in items]
-    store = ImageStore(context["store_url"])
-    masks = ImageStore(context["mask_store_url"], read_only=True) if context["mask_store_url"] else None
-    mode, params, dtype = context["mode"], context["params"], np.dtype(context["dtype"])
-    outcomes: list[Outcome] = []
-    # Zarr writes mostly wait on storage: one writer thread stores batch n while batch n + 1 is read and encoded.
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for start in range(0, len(items), context["batch_size"]):
-            batch_items, tensors, weights = [], [], []
-            for item in items[start : start + context["batch_size"]]:
-                try:
-                    image = load_manifest_image(item)
-                    roi, labels = read_masks(masks, item.hash) if masks is not None else (None, None)
-                    steered, patch_weights = steer(image, roi, labels, mode, params, encoder.grid)
-                    tensors.append(encoder.preprocess(steered))
-                    weights.append(patch_weights)
-                    batch_items.append(item)
-                except Exception as error:  # this image fails; the batch goes on
-                    outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
-            if not batch_items:
-                continue
-            try:
-                encoded = encode_steered(encoder, torch.stack(tensors), np.stack(weights), mode, params)
-            except Exception as error:
-                outcomes.extend(Outcome(i.hash, i.path, False, f"{type(error).__name__}: {error}") for i in batch_items)
-                continue
-            if pending is not None:
-                outcomes.extend(pending.result())
-            pending = writer.submit(_write_batch, store, batch_items, *encoded, weights, dtype)
-        if pending is not None:
-            outcomes.extend(pending.result())
-    return outcomes
-
-
-def _write_batch(store: ImageStore, items: list[WorkItem], global_embedding: np.ndarray, patch_tokens: np.ndarray,
-                 weights: list[np.ndarray], dtype: np.dtype) -> list[Outcome]:
-    """Store each encoded image (its completion flag last); an image whose write fails is reported, the rest go on."""
-    outcomes = []
-    for index, item in enumerate(items):
-        try:
-            store.write_image(item.hash, {
-                "global": global_embedding[index].astype(dtype),
-                "patches": patch_tokens[index].astype(dtype),
-                "roi_weights": weights[index].astype(np.float32),
-            })
-            outcomes.append(Outcome(item.hash, item.path, True))
-        except Exception as error:
-            outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
-    return outcomes
+    An image without ROI gets its global embedding, so the ROI view never invents a region.
+    """
+    totals = roi_weights.sum(axis=1, keepdims=True)
+    pooled = np.einsum("bl,bld->bd", roi_weights, patch_tokens) / np.maximum(totals, 1e-6)
+    return np.where(totals > 0, pooled, global_embedding)
 
 
 def encode_steered(encoder: ImageEncoder, batch: torch.Tensor, roi_weights: np.ndarray, mode: str,
@@ -211,106 +112,219 @@ def encode_steered(encoder: ImageEncoder, batch: torch.Tensor, roi_weights: np.n
     return global_embedding.float().cpu().numpy(), patch_tokens.float().cpu().numpy()
 
 
-def write_text_embeddings(store: ImageStore, encoder, prepared: PreparedDataset) -> None:
-    """Every prompt of every class, embedded once per store (flat, with the class of each row in the attributes)."""
-    if not encoder.has_text or store.has_shared("text"):
+def _encode_batch(encoder: ImageEncoder, images: list[np.ndarray], rois: list[np.ndarray | None],
+                  labels: list[np.ndarray | None], mode: str, params: dict) -> list[dict[str, np.ndarray]]:
+    """Every stored array of a batch of images under ``mode``."""
+    if mode == "dual" and encoder.family == LITEMEDSAM:
+        # LiteMedSAM pools the ROI view from its full 64² map, exactly as the segment stage does when it stores it.
+        embeddings = encoder.embed(torch.stack([encoder.preprocess(image) for image in images]))
+        return [encoder.summarize(embedding, image.shape[:2], roi) for embedding, image, roi in zip(embeddings, images, rois)]
+    steered = [steer(image, roi, label, mode, params, encoder) for image, roi, label in zip(images, rois, labels)]
+    weights = np.stack([w for _, w in steered])
+    global_embedding, patch_tokens = encode_steered(encoder, torch.stack([encoder.preprocess(s) for s, _ in steered]),
+                                                    weights, mode, params)
+    arrays = [{"global": g, "patches": p, "roi_weights": w} for g, p, w in zip(global_embedding, patch_tokens, weights)]
+    if mode == "dual":
+        for row, pooled in zip(arrays, roi_pooled(patch_tokens, weights, global_embedding)):
+            row["roi_global"] = pooled
+    return arrays
+
+
+def _from_mask_store(store_arrays: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """A LiteMedSAM feature row made from the embedding the segment stage stored (mode none drops the ROI)."""
+    if mode == "none":
+        return {"global": store_arrays["global"], "patches": store_arrays["patches"],
+                "roi_weights": np.zeros_like(store_arrays["roi_weights"])}
+    return dict(store_arrays)
+
+
+def image_features(encoder: ImageEncoder, image: np.ndarray, segmentation, mode: str,
+                   store_spec: FeatureStoreSpec) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One image's arrays as ``store_spec``'s store holds them (for images outside the dataset: predict), and the
+    picture the encoder saw. ``segmentation``: the segmenter's result for the image, None for modes without masks."""
+    params = store_spec.content["steering"]
+    if store_spec.from_mask_store_embedding:
+        return _from_mask_store(segmentation.embedding, mode), image
+    roi, labels = (segmentation.roi, segmentation.labels) if segmentation is not None else (None, None)
+    seen, _ = steer(image, roi, labels, mode, params, encoder)
+    return _encode_batch(encoder, [image], [roi], [labels], mode, params)[0], seen
+
+
+def encoder_view(encoder: ImageEncoder, image: np.ndarray) -> np.ndarray:
+    """The square picture an encoder's patch grid lies on: ``image`` fitted into its input the encoder's way."""
+    if encoder.placement == "centre":
+        return letterbox(image, encoder.image_size, Image.Resampling.BILINEAR)
+    height, width = image.shape[:2]
+    scale = encoder.image_size / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = np.zeros((encoder.image_size, encoder.image_size, 3), dtype=np.uint8)
+    canvas[: size[1], : size[0]] = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    return canvas
+
+
+def _features_chunk(items: list[WorkItem], context: dict) -> list[Outcome]:
+    set_torch_threads(context["workers"])
+    store = FeatureStore(context["store_url"])
+    masks = MaskStore(context["mask_store_url"], read_only=True) if context["mask_store_url"] else None
+    mode, params, dtype = context["mode"], context["params"], np.dtype(context["dtype"])
+    if context["from_mask_store"]:
+        outcomes = []
+        for item in items:
+            try:
+                store.write_features(item.hash, _from_mask_store(masks.read_embedding(item.hash), mode), dtype)
+                outcomes.append(Outcome(item.hash, item.path, True))
+            except Exception as error:  # this image fails, with its reason; the rest go on
+                outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
+        return outcomes
+    try:
+        encoder = shared_encoder(context["build"])
+        check_same_model({"weights_sha256": encoder.describe()["weights_sha256"]},
+                         {"weights_sha256": context["weights_sha256"]}, "encoder")
+    except Exception as error:  # a worker that cannot build the driver's encoder fails its images, with the reason
+        return [Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}") for item in items]
+    outcomes: list[Outcome] = []
+    # Zarr writes mostly wait on storage: one writer thread stores batch n while batch n + 1 is read and encoded.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for start in range(0, len(items), context["batch_size"]):
+            batch_items, images, rois, labels = [], [], [], []
+            for item in items[start : start + context["batch_size"]]:
+                try:
+                    image = load_manifest_image(item)
+                    roi, label = masks.read_masks(item.hash) if masks is not None else (None, None)
+                except Exception as error:  # this image fails; the batch goes on
+                    outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
+                    continue
+                images.append(image)
+                rois.append(roi)
+                labels.append(label)
+                batch_items.append(item)
+            if not batch_items:
+                continue
+            try:
+                rows = _encode_batch(encoder, images, rois, labels, mode, params)
+            except Exception as error:
+                outcomes.extend(Outcome(i.hash, i.path, False, f"{type(error).__name__}: {error}") for i in batch_items)
+                continue
+            if pending is not None:
+                outcomes.extend(pending.result())
+            pending = writer.submit(_write_batch, store, batch_items, rows, dtype)
+        if pending is not None:
+            outcomes.extend(pending.result())
+    return outcomes
+
+
+def _write_batch(store: FeatureStore, items: list[WorkItem], rows: list[dict[str, np.ndarray]],
+                 dtype: np.dtype) -> list[Outcome]:
+    """Store each encoded image (its completion flag last); an image whose write fails is reported, the rest go on."""
+    outcomes = []
+    for item, arrays in zip(items, rows):
+        try:
+            store.write_features(item.hash, arrays, dtype)
+            outcomes.append(Outcome(item.hash, item.path, True))
+        except Exception as error:
+            outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
+    return outcomes
+
+
+def write_text_embeddings(store: FeatureStore, spec: FeaturesSpec) -> None:
+    """Every prompt of every class, embedded once per store and again whenever the prompts change."""
+    if spec.text is None or store.text_matches(spec.text):
         return
     prompts, classes = [], []
-    for class_index, name in enumerate(prepared.class_names):
-        for prompt in prepared.prompts[name]:
+    for class_index, name in enumerate(spec.text["class_names"]):
+        for prompt in spec.text["prompts"][name]:
             prompts.append(prompt)
             classes.append(class_index)
+    encoder = shared_encoder(spec.encoder.build)
     with torch.inference_mode():
         embeddings = encoder.encode_text(prompts).float().numpy()
-    store.write_shared("text", embeddings, {"prompts": prompts, "class_index": classes, "class_names": prepared.class_names})
+    store.write_text(spec.text, embeddings, classes, prompts)
 
 
-def open_feature_store(spec: DatasetSpec, params: Params, paths: DatasetPaths, mode: str, encoder) -> tuple[ImageStore, str | None]:
-    settings = params.features
-    mask_store = None if mode in MODES_WITHOUT_MASKS else current_mask_store(spec, params, paths)
-    store_spec = feature_store_spec(encoder.describe(), mode, mode_params(settings, mode),
-                                    mask_store.key if mask_store else None, settings.dtype)
-    key = store_key(store_spec)
-    url = paths.store_url("features", key, settings.store_root)
-    provenance = {"versions": package_versions(), "weights_source": encoder.weights_source,
-                  "mask_store_url": mask_store.url if mask_store else None}
-    return ImageStore.create_or_open(url, key, store_spec, provenance), (mask_store.url if mask_store else None)
-
-
-def _warn_random_init(model: str, plan: dict | None) -> None:
-    reason = plan.get("unavailable_reason") if plan else None
+def _warn_random_init(encoder: EncoderSpec) -> None:
+    reason = encoder.build.get("weights_plan", {}).get("unavailable_reason")
     cause = f"its pretrained weights could not be had ({reason})" if reason else "it was asked for without weights"
     log.warning(
         "\n%s\nRANDOM-INIT ENCODER: %s is randomly initialised: %s. Every feature store and result made from it is "
         "marked random-init and is NOT a real result.%s\n%s",
-        "!" * 100, model, cause, f"\n{HOW_TO_PROVIDE_WEIGHTS}" if reason else "", "!" * 100,
+        "!" * 100, encoder.identity["model"], cause, f"\n{HOW_TO_PROVIDE_WEIGHTS}" if reason else "", "!" * 100,
     )
 
 
-def features(spec: DatasetSpec, params: Params, paths: DatasetPaths, modes: list[str] | None = None, progress: bool = True) -> dict:
-    """Encode what is not in each mode's store yet; write ``features.json`` (one entry per mode); return it.
+def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: list[str] | None = None,
+             progress: bool = True) -> dict:
+    """Make what is missing in each mode's store; write ``features.json`` and ``features.run.json``; return both merged.
 
-    The encoder's weights are resolved once, here; workers rebuild the same encoder from that resolution. Modes an
-    earlier run made keep their entries (under ``earlier_modes``) when this run computes other modes.
+    The encoder's weights are resolved once, here; workers rebuild the same encoder from that resolution.
     """
     settings = params.features
     modes = list(modes or settings.modes)
-    prepared = load_prepared(spec, params, paths, progress=progress)
-    options = encoder_options(settings)
-    encoder, recipe = resolve_encoder(options)
-    if "attention" in modes and encoder.describe()["family"] == LITEMEDSAM:
+    prepared = load_prepared(dataset, params, paths, progress=progress)
+    encoder = resolve_encoder(settings)
+    if encoder.note:
+        log.info("%s", encoder.note)
+    if "attention" in modes and encoder.family == LITEMEDSAM:
         raise UnsupportedEncoderFeature(
-            f"mode 'attention' biases the attention inside a ViT, and {settings.model} has none to bias: "
-            "use the modes none, overlay, blur or crop with it"
+            "mode 'attention' biases the attention inside a ViT, and litemedsam has none to bias: "
+            "use the modes none, dual, overlay, blur or crop with it"
         )
-    weights_source = encoder.weights_source
-    random_init = is_random_init(weights_source)
-    if random_init:
-        _warn_random_init(settings.model, recipe["plan"])
-    per_mode = {}
-    for mode in modes:
-        store, mask_store_url = open_feature_store(spec, params, paths, mode, encoder)
-        write_text_embeddings(store, encoder, prepared)
+    if encoder.random_init:
+        _warn_random_init(encoder)
+    spec = resolve_features_for(dataset, params, prepared, modes, encoder)
+    content_modes, run_modes = {}, {}
+    for mode, store_spec in spec.stores.items():
+        mask_store = current_mask_store(dataset, params, paths, spec.segment) if store_spec.mask_store_key else None
+        store = FeatureStore.create(feature_store_url(paths, store_spec, params), store_spec.key, store_spec.content,
+                                    {"versions": package_versions(), "weights_source": encoder.weights_source,
+                                     "mask_store_url": mask_store.url if mask_store else None})
+        write_text_embeddings(store, spec)
         run = run_incremental(
             prepared.work_items(),
             store.done,
-            _encode_chunk,
-            {"recipe": recipe, "store_url": store.url, "mask_store_url": mask_store_url, "mode": mode,
-             "params": mode_params(settings, mode), "dtype": settings.dtype, "batch_size": settings.batch_size,
-             "workers": settings.workers},
+            _features_chunk,
+            {"build": encoder.build, "weights_sha256": encoder.identity["weights_sha256"], "store_url": store.url,
+             "mask_store_url": mask_store.url if mask_store else None, "mode": mode,
+             "from_mask_store": store_spec.from_mask_store_embedding, "params": store_spec.content["steering"],
+             "dtype": settings.dtype, "batch_size": settings.batch_size, "workers": settings.workers},
             scheduler=settings.scheduler,
             workers=settings.workers,
             chunk_size=settings.chunk_size,
-            description=f"features {spec.name} [{mode}]",
+            description=f"features {dataset.name} [{mode}]",
             progress=progress,
         )
         for failure in run.failed:
             log.warning("feature extraction (%s) failed for %s: %s", mode, failure["path"], failure["reason"])
-        per_mode[mode] = run.to_dict() | {"store": store.url, "store_key": store.key, "encoder_options": options,
-                                          "steering": mode_params(settings, mode), "dtype": settings.dtype,
-                                          "mask_store_key": store.attrs["spec"]["mask_store"],
-                                          "weights_source": weights_source}
-    totals = {k: sum(m[k] for m in per_mode.values()) for k in ("total", "processed", "skipped", "failed_count")}
-    seconds = sum(m["seconds"] for m in per_mode.values())
-    previous = read_json(paths.features_summary) if paths.features_summary.exists() else {}
-    earlier = previous.get("earlier_modes", {}) | previous.get("modes", {})
-    summary = {
+        done = store.done([entry.hash for entry in prepared.entries])
+        failed = [f | {"mode": mode} for f in run.failed + prepared.unreadable()]
+        content_modes[mode] = {"store_key": store_spec.key, "steering": store_spec.content["steering"],
+                               "mask_store_key": store_spec.mask_store_key,
+                               "embedding_source": store_spec.content["embedding_source"], "done": len(done),
+                               "done_digest": done_digest(done), "failed": failed}
+        counts = run.to_dict()
+        run_modes[mode] = {key: counts[key] for key in ("processed", "skipped", "seconds", "images_per_s")} | {"store": store.url}
+    content = {
         "stage": "features",
-        "dataset": spec.name,
-        **totals,
-        "failed": [f | {"mode": mode} for mode, m in per_mode.items() for f in m["failed"]],
-        "seconds": round(seconds, 3),
-        "images_per_s": round(totals["processed"] / seconds, 3) if seconds > 0 else 0.0,
-        "weights_source": weights_source,
-        "random_init": random_init,
-        "encoder": encoder.describe(),
-        "modes": per_mode,
-        # Stores of modes an earlier run made and this one did not, so that train and evaluate still find them
-        # (current_feature_store refuses any made with other settings).
-        "earlier_modes": {mode: entry for mode, entry in earlier.items() if mode not in per_mode},
-        "versions": package_versions(),
+        "dataset": dataset.name,
+        "encoder": encoder.identity,
+        "encoder_choice": encoder.note or f"features.model {settings.model}",
+        "weights_source": encoder.weights_source,
+        "random_init": encoder.random_init,
+        "text": spec.text,
+        "total": len(prepared.entries) + len(prepared.unreadable()),
+        "modes": content_modes,
+        "failed": [f for m in content_modes.values() for f in m["failed"]],
     }
-    if random_init:
-        summary["warning"] = f"{RANDOM_INIT}: features come from an encoder without pretrained weights; results are not real"
-    write_json(paths.features_summary, summary)
-    return summary
+    content["failed_count"] = len(content["failed"])
+    if encoder.random_init:
+        content["warning"] = f"{RANDOM_INIT}: features come from an encoder without pretrained weights; results are not real"
+    write_json(paths.features_summary, content)
+    seconds = sum(m["seconds"] for m in run_modes.values())
+    processed = sum(m["processed"] for m in run_modes.values())
+    run_summary = {"processed": processed, "skipped": sum(m["skipped"] for m in run_modes.values()),
+                   "seconds": round(seconds, 3), "images_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
+                   "scheduler": settings.scheduler, "workers": settings.workers, "modes": run_modes,
+                   "versions": package_versions()}
+    write_json(run_file(paths.features_summary), run_summary)
+    merged_modes = {mode: content_modes[mode] | run_modes[mode] for mode in content_modes}
+    return content | run_summary | {"modes": merged_modes}

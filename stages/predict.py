@@ -12,53 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.encoders import letterbox
+from medfocus.pipeline.encoders import ImageEncoder
 from medfocus.pipeline.images import file_sha256, load_image
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.pipeline.store import ImageStore, StoreMismatchError, store_key
 from medfocus.trainer import FeatureSet, fusion_attention
 from medfocus.trainer.plots import plot_attention_overlay
 
 from .common import load_prepared
-from .features import (
-    MODES_WITHOUT_MASKS,
-    encode_steered,
-    encoder_options,
-    feature_store_spec,
-    mode_params,
-    resolve_encoder,
-    steer,
-)
-from .segment import mask_store_spec, resolved_segmenter_options, segmenter_options, shared_segmenter
-from .train import current_feature_store, load_trained, model_path
-
-
-def _differences(made: dict, stored: dict) -> list[str]:
-    """Dotted names of the settings (one level into each section) where two store specs differ."""
-    names = []
-    for key in sorted(set(made) | set(stored)):
-        mine, theirs = made.get(key), stored.get(key)
-        if isinstance(mine, dict) and isinstance(theirs, dict):
-            names += [f"{key}.{k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-        elif mine != theirs:
-            names.append(key)
-    return names
-
-
-def check_features_match(made_spec: dict, store: ImageStore) -> None:
-    """Refuse to make features for a head unless they are made as the features of its store were (same spec)."""
-    if store_key(made_spec) != store.key:
-        stored = store.attrs["spec"]
-        made = json.loads(json.dumps(made_spec))
-        raise StoreMismatchError(
-            f"the encoder or segmenter built here differs from the one that made {store.url}, whose features the head "
-            f"was trained on (differing: {', '.join(_differences(made, stored))}); rerun `medfocus features` and "
-            "`medfocus train` with today's settings"
-        )
+from .features import encoder_view, image_features, shared_encoder
+from .segment import shared_segmenter
+from .stores import current_feature_store, resolve_features_for
+from .train import load_trained, model_path
 
 
 def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list[Path], model_file: Path | None = None) -> list[dict]:
@@ -71,16 +38,14 @@ def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list
     fraction = None if shots is not None else settings.fraction
     model_file = model_file or model_path(paths, settings.method, settings.mode, fraction, shots, settings.seed)
     mode = settings.mode
-    # The head must come from the features today's settings make, or its numbers would mean nothing here.
-    store = current_feature_store(spec, params, paths, mode)
+    # The head must come from the store today's settings make (load_trained refuses another store's head), and the
+    # features below are made by the same spec: same encoder and weights, segmenter, steering and stored precision.
+    store = current_feature_store(spec, params, paths, mode, prepared)
     model = load_trained(model_file, store, prepared.class_names)
-    encoder, _ = resolve_encoder(encoder_options(params.features))
-    segmenter, mask_key = None, None
-    if mode not in MODES_WITHOUT_MASKS:
-        segmenter = shared_segmenter(resolved_segmenter_options(segmenter_options(params.segment, spec.name)))
-        mask_key = store_key(mask_store_spec(segmenter.describe()))
-    steering = mode_params(params.features, mode)
-    check_features_match(feature_store_spec(encoder.describe(), mode, steering, mask_key, params.features.dtype), store)
+    features_spec = resolve_features_for(spec, params, prepared, [mode])
+    store_spec = features_spec.stores[mode]
+    encoder: ImageEncoder = shared_encoder(features_spec.encoder.build)
+    segmenter = shared_segmenter(features_spec.segment.build_options) if store_spec.mask_store_key else None
     stored_dtype = np.dtype(params.features.dtype)
     out_dir = paths.predictions_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,29 +53,27 @@ def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list
     for image_path in images:
         image = load_image(image_path)
         digest = file_sha256(image_path)
-        roi = labels = None
-        if segmenter is not None:
-            segmentation = segmenter.segment(image)
-            roi, labels = segmentation.roi.astype(bool), segmentation.labels.astype(np.uint16)
-        steered, weights = steer(image, roi, labels, mode, steering, encoder.grid)
-        global_embedding, patches = encode_steered(encoder, encoder.preprocess(steered)[None], weights[None], mode, steering)
+        segmentation = segmenter.segment(image) if segmenter is not None else None
+        arrays, seen = image_features(encoder, image, segmentation, mode, store_spec)
         # Through the stored precision, as the head's training features went.
-        features = FeatureSet(torch.from_numpy(global_embedding.astype(stored_dtype).astype(np.float32)),
-                              torch.from_numpy(patches.astype(stored_dtype).astype(np.float32)),
-                              torch.from_numpy(weights)[None], torch.zeros(1, dtype=torch.long), [digest])
+        stored = {name: torch.from_numpy(np.asarray(array).astype(stored_dtype if name != "roi_weights" else np.float32)
+                                         .astype(np.float32))[None] for name, array in arrays.items()}
+        features = FeatureSet(stored["global"], stored["patches"], stored["roi_weights"], torch.zeros(1, dtype=torch.long),
+                              [digest], roi_global=stored.get("roi_global"))
         probabilities = model.predict_proba(features)[0]
         predicted = int(probabilities.argmax())
+        weights = stored["roi_weights"][0]
         # Images of the same name from different folders get their own overlay.
         overlay = out_dir / f"{Path(image_path).stem}-{digest[:8]}.png"
-        view = letterbox(steered, encoder.image_size, Image.Resampling.BILINEAR)
         if model.method == "medfocus":
             attention = fusion_attention(model, features)[0, predicted]
             heading = "fusion attention"
         else:
-            attention, heading = torch.from_numpy(weights), "(no attention: not a medfocus head)"
-        plot_attention_overlay(view, weights, attention, overlay,
+            attention, heading = weights, f"(ROI weights: {model.method} has no patch attention)"
+        plot_attention_overlay(encoder_view(encoder, seen), weights.numpy(), attention, overlay,
                                f"{Path(image_path).name}: {prepared.class_names[predicted]} ({100 * float(probabilities[predicted]):.1f}%) — "
                                f"{model.method}/{mode}, {heading}, encoder {model.meta.get('weights_source')}", grid=encoder.grid)
+        roi = segmentation.roi if segmentation is not None else None
         results.append({
             "image": str(image_path),
             "class": prepared.class_names[predicted],

@@ -17,11 +17,9 @@ import shutil
 from pathlib import Path
 
 import yaml
-from PIL import Image
 
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.encoders import letterbox
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.manifest import write_atomic, write_json
 from medfocus.pipeline.paths import DatasetPaths, read_json
@@ -31,10 +29,11 @@ from medfocus.trainer.plots import plot_attention_overlay
 
 from .common import PreparedDataset, load_prepared
 from .evaluate import paper_datasets, paper_results
-from .features import MODES_WITHOUT_MASKS, mode_params, read_masks, steer
+from .common import run_file
+from .features import encoder_view, shared_encoder, steer
 from .gallery import pick_examples, write_gallery
-from .segment import current_mask_store
-from .train import current_feature_store, load_cached_features, load_trained, model_path
+from .stores import current_feature_store, current_mask_store, resolve_features_for
+from .train import load_cached_features, load_trained, model_path
 
 REPORT_PAGE = "index.html"
 ACCURACY_PLOT = "accuracy_vs_fraction.png"
@@ -54,9 +53,16 @@ class ReportInputMissingError(FileNotFoundError):
 
 
 def _read_stage_output(path: Path, dataset: str, command: str) -> dict:
+    """A stage's output; for per-image stages its content file merged with how its last run went (if recorded)."""
     if not path.exists():
         raise ReportInputMissingError(f"no {path.name} for {dataset!r} yet: run `medfocus {command} --dataset {dataset}` first")
-    return read_json(path)
+    output = read_json(path)
+    run = run_file(path)
+    if command in ("segment", "features") and run.exists():
+        ran = read_json(run)
+        modes = {mode: entry | ran.get("modes", {}).get(mode, {}) for mode, entry in output.get("modes", {}).items()}
+        output = output | ran | ({"modes": modes} if modes else {})
+    return output
 
 
 def subset_label(fraction: float | None, shots: int | None) -> str:
@@ -69,7 +75,7 @@ def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, param
     """The trained head's fusion attention on up to ``count`` test images (one per class in turn).
 
     Returns one record per picture and the identity of the head shown. The picture is the image as the encoder
-    saw it (steered by the ROI mode, letterboxed) with the ROI share and the attention of the predicted class
+    saw it (steered by the ROI mode, fitted into its input) with the ROI share and the attention of the predicted class
     per patch; a head that is not a medfocus fusion head has no attention, and its panel shows the ROI share.
     """
     settings = params.train
@@ -79,10 +85,11 @@ def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, param
     fraction = None if shots is not None else settings.fraction
     head_file = model_path(paths, settings.method, settings.mode, fraction, shots, settings.seed)
     model = load_trained(head_file, store, prepared.class_names)
-    encoder = store.attrs["spec"]["encoder"]
-    grid, image_size = tuple(encoder["grid"]), int(encoder["image_size"])
-    steering = mode_params(params.features, settings.mode)
-    masks = None if settings.mode in MODES_WITHOUT_MASKS else current_mask_store(spec, params, paths)
+    features_spec = resolve_features_for(spec, params, prepared, [settings.mode])
+    store_spec = features_spec.stores[settings.mode]
+    encoder = shared_encoder(features_spec.encoder.build)
+    steering = store_spec.content["steering"]
+    masks = current_mask_store(spec, params, paths) if store_spec.mask_store_key else None
 
     row_of = {digest: row for row, digest in enumerate(cached.features.hashes)}
     test_hashes = {cached.features.hashes[row] for row in cached.splits["test"]}
@@ -99,14 +106,14 @@ def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, param
         else:
             attention, panel = roi_weights, f"no attention ({model.method} head): ROI share"
         image = load_image(prepared.image_path(entry))
-        roi, labels = read_masks(masks, entry.hash) if masks is not None else (None, None)
-        steered, _ = steer(image, roi, labels, settings.mode, steering, grid)
-        view = letterbox(steered, image_size, Image.Resampling.BILINEAR)
+        roi, labels = masks.read_masks(entry.hash) if masks is not None else (None, None)
+        steered, _ = steer(image, roi, labels, settings.mode, steering, encoder)
+        view = encoder_view(encoder, steered)
         predicted_name = prepared.class_names[predicted]
         name = f"attention_{number}_{entry.label}.png"
         title = (f"true {entry.label}, predicted {predicted_name} ({100 * float(probabilities[predicted]):.1f}%) — "
                  f"{model.method}/{settings.mode}, {panel}, encoder {cached.weights_source}")
-        plot_attention_overlay(view, roi_weights, attention, out_dir / name, title, grid=grid)
+        plot_attention_overlay(view, roi_weights, attention, out_dir / name, title, grid=encoder.grid)
         records.append({"file": name, "image": entry.path, "true": entry.label, "predicted": predicted_name,
                         "probability": round(float(probabilities[predicted]), 4)})
     head = {"file": str(head_file), "method": model.method, "mode": settings.mode,
@@ -142,8 +149,8 @@ def random_init_parts(segment_summary: dict, features_summary: dict, metrics: di
     parts = []
     if features_summary.get("random_init") or metrics.get("random_init") or is_random_init(features_summary.get("weights_source", "")):
         parts.append(f"the image encoder ({features_summary.get('encoder', {}).get('model', '?')})")
-    if is_random_init(json.dumps(segment_summary.get("segmenter", {}))):
-        parts.append(f"the segmenter ({segment_summary.get('segmenter', {}).get('backend', '?')})")
+    if segment_summary.get("random_init") or is_random_init(segment_summary.get("weights")):
+        parts.append(f"the segmenter ({segment_summary.get('spec', {}).get('backend', '?')})")
     return parts
 
 
@@ -210,11 +217,12 @@ def _versions_table(columns: dict[str, dict]) -> str:
 
 def _provenance_section(info: dict) -> str:
     segment, features, prepare = info["segment"], info["features"], info["prepare"]
-    encoder, segmenter = features.get("encoder", {}), segment.get("segmenter", {})
-    segmenter_source = RANDOM_INIT if is_random_init(json.dumps(segmenter)) else f"pretrained: {segmenter.get('checkpoint') or segmenter.get('model')}"
+    encoder, segmenter = features.get("encoder", {}), segment.get("spec", {})
+    model = segmenter.get("model", {})
+    segmenter_source = RANDOM_INIT if is_random_init(segment.get("weights")) else f"pretrained: {model.get('name')}"
     weights_rows = [
         ["image encoder", encoder.get("model"), features.get("weights_source"), encoder.get("weights_sha256")],
-        ["segmenter", segmenter.get("backend"), segmenter_source, segmenter.get("checkpoint_sha256")],
+        ["segmenter", segmenter.get("backend"), segmenter_source, model.get("weights_sha256")],
     ]
     stores = [["masks", "—", segment.get("store_key"), segment.get("store")]]
     stores += [["features", mode, entry.get("store_key"), entry.get("store")] for mode, entry in features.get("modes", {}).items()]
@@ -236,7 +244,7 @@ def _provenance_section(info: dict) -> str:
         "<h2>Provenance</h2>"
         "<h3>Weights</h3>" + _table(["model", "name", "weights source", "weights sha256"], weights_rows)
         + f"<p>ROI policy: <code>{_e(segment.get('policy'))}</code>. Segmenter: <code>{_e(json.dumps(segmenter, sort_keys=True))}</code></p>"
-        + f"<p>Encoder: <code>{_e(json.dumps(encoder, sort_keys=True))}</code></p>"
+        + f"<p>Encoder ({_e(features.get('encoder_choice'))}): <code>{_e(json.dumps(encoder, sort_keys=True))}</code></p>"
         + "<h3>Trained head shown above</h3>" + _table(list(head), [list(head.values())])
         + "<h3>Data</h3>" + _table(["", ""], data_rows)
         + "<h3>Stores</h3>" + _table(["store", "ROI mode", "key", "location"], stores)
@@ -316,9 +324,8 @@ def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
             raise ReportInputMissingError(f"no {source}: run `medfocus evaluate --dataset {spec.name}` first")
         shutil.copyfile(source, out_dir / name)
     mask_store = current_mask_store(spec, params, paths)
-    options = segment_summary.get("options", {})
     write_gallery(prepared, mask_store, out_dir / ROI_GALLERY, params.report.gallery_images,
-                  f"{spec.name}: {options.get('backend')} masks, ROI policy {options.get('policy')}")
+                  f"{spec.name}: {segment_summary['spec']['backend']} masks, ROI policy {segment_summary['policy']}")
     overlay_count = min(len(prepared.class_names), params.report.gallery_images)
     overlays, head = write_attention_overlays(spec, prepared, params, paths, out_dir, overlay_count)
 

@@ -5,7 +5,6 @@ The trainer reads tensors from the feature stores only; it never runs a segmente
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,7 @@ from medfocus.pipeline.store import ImageStore
 from medfocus.trainer import ClassText, FeatureSet, FittedModel, compute_metrics, fit
 
 from .common import PreparedDataset, load_prepared
-from .features import MODES_WITHOUT_MASKS, encoder_options, mode_params
-from .segment import current_mask_store
+from .stores import current_feature_store
 
 log = logging.getLogger(__name__)
 
@@ -56,41 +54,6 @@ class CachedFeatures:
     def identity(self) -> dict:
         return {"feature_store_key": self.store_key, "mode": self.mode, "weights_source": self.weights_source,
                 "encoder_model": self.encoder.get("model")}
-
-
-def current_feature_store(spec: DatasetSpec, params: Params, paths: DatasetPaths, mode: str) -> ImageStore:
-    """The store the features stage wrote for ``mode`` with today's feature settings, or a clear error.
-
-    For modes that use masks, the store must also come from the masks of today's segment settings: features steered
-    by other masks are other features.
-    """
-    if not paths.features_summary.exists():
-        raise FeaturesMissingError(f"no features for {spec.name!r} yet: run `medfocus features --dataset {spec.name}` first")
-    summary = read_json(paths.features_summary)
-    made = summary.get("earlier_modes", {}) | summary["modes"]
-    entry = made.get(mode)
-    if entry is None:
-        raise FeaturesMissingError(
-            f"no {mode!r} features for {spec.name!r} (made: {sorted(made)}): run `medfocus features --dataset {spec.name} --mode {mode}`"
-        )
-    settings = params.features
-    wanted = json.loads(json.dumps({"encoder_options": encoder_options(settings), "steering": mode_params(settings, mode),
-                                    "dtype": settings.dtype}))
-    stale = sorted(k for k in wanted if entry.get(k) != wanted[k])
-    if stale:
-        raise FeaturesMissingError(
-            f"the {mode!r} features of {spec.name!r} were made with other feature settings ({', '.join(stale)}): "
-            f"run `medfocus features --dataset {spec.name} --mode {mode}` first"
-        )
-    if mode not in MODES_WITHOUT_MASKS:
-        masks = current_mask_store(spec, params, paths)
-        if entry.get("mask_store_key") != masks.key:
-            raise FeaturesMissingError(
-                f"the {mode!r} features of {spec.name!r} were steered by other masks (mask store "
-                f"{entry.get('mask_store_key')}, today's segment settings give {masks.key}): "
-                f"run `medfocus features --dataset {spec.name} --mode {mode}` first"
-            )
-    return ImageStore(entry["store"], read_only=True)
 
 
 def _class_text(store: ImageStore, class_names: list[str]) -> ClassText:

@@ -16,7 +16,10 @@ from typing import Any
 import open_clip
 from open_clip.pretrained import download_pretrained_from_hf
 
+from medfocus.pipeline.hub import offline_unless_hub_reachable
+
 from .base import RANDOM_INIT, PretrainedWeightsUnavailable
+
 
 HF_HUB_PREFIX = "hf-hub:"
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -88,6 +91,7 @@ def _hub_config(repo_id: str) -> tuple[str, dict[str, Any]]:
     """Fetch (or find cached) ``open_clip_config.json`` of an hf-hub model: (snapshot folder, config)."""
     from huggingface_hub import hf_hub_download
 
+    offline_unless_hub_reachable()
     try:
         config_path = hf_hub_download(repo_id=repo_id, filename="open_clip_config.json")
     except Exception as error:  # huggingface_hub raises a family of network/cache errors
@@ -116,6 +120,7 @@ def _unavailable(plan: WeightsPlan, reason: str, allow_random_init: bool) -> Wei
 
 def _download(description: str, fetch) -> tuple[str | None, str | None]:
     """Run a download; (path, None) on success, (None, reason) when the weights can't be had."""
+    offline_unless_hub_reachable()
     try:
         return fetch(), None
     except Exception as error:  # open_clip/huggingface_hub/urllib all raise their own types for "not reachable"

