@@ -1,4 +1,11 @@
-"""The ``medfocus`` command line: one command per pipeline stage, each reading params.yaml, options overriding it."""
+"""The ``medfocus`` command line: one command per pipeline stage, each reading params.yaml, options overriding it.
+
+An option means one thing in every command that has it: ``--model``/``--pretrained`` the image encoder (features.model,
+features.pretrained), which also picks the feature stores later commands read; ``--mode`` ROI steering modes (feature
+stores); ``--fraction``/``--shots``/``--seed`` training subsets (a fraction of the training images, k images per class,
+the subset and training seed); ``--store-root`` where the mask and feature stores are. Commands that run many
+(features, evaluate) take them repeated.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +18,13 @@ from typing import Any, Callable, Optional
 import typer
 
 from .config import ConfigError, Params, load_params
-from .datasets import UnknownDatasetError, registry, resolve_dataset
+from .datasets import DatasetSpec, UnknownDatasetError, registry, resolve_dataset
 from .manifest import DatasetError
 from .paths import DEFAULT_CACHE_ROOT, DatasetPaths
 from .store import StoreMismatchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("medfocus")
-
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -31,14 +37,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, ImageDecodeError, PretrainedWeightsUnavailable,
             UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError)
 
+
+STEERING_MODES = "none, overlay, blur, crop, attention or dual"
 DatasetOption = typer.Option(..., "--dataset", "-d", help="Registered dataset name, or any name with --root for your own folder.")
 RootOption = typer.Option(None, "--root", help="Dataset folder (folder-per-class, train/ + test/, or a CSV path,label[,split]).")
 ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml if present).")
 CacheOption = typer.Option(DEFAULT_CACHE_ROOT, "--cache-dir", help="Where pipeline outputs go.")
 SchedulerOption = typer.Option(None, "--scheduler", help="synchronous | threads | processes | local-cluster[:N] | tcp://host:port")
 WorkersOption = typer.Option(None, "--workers", help="Workers for threads/processes/local-cluster.")
-StoreRootOption = typer.Option(None, "--store-root", help="Put the Zarr stores here (shared path or fsspec URL) instead of cache/.")
+StoreRootOption = typer.Option(None, "--store-root", help="Where the mask and feature stores are (a shared path or an fsspec URL) instead of cache/<dataset>.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+ModelOption = typer.Option(None, "--model", help="Image encoder (features.model): auto, an open_clip model (ViT-B-32, ViT-B-16, ...), hf-hub:org/name or litemedsam; it names the feature stores.")
+PretrainedOption = typer.Option(None, "--pretrained", help="Encoder weights (features.pretrained): auto, none, an open_clip tag, an hf-hub: name or a local file.")
+MethodOption = typer.Option(None, "--method", help="medfocus, medfocus_dual, clip_fewshot, linear_probe, tip_adapter, tip_adapter_f, zero_shot.")
+TrainModeOption = typer.Option(None, "--mode", help=f"ROI steering mode (feature store) of the head (train.mode): {STEERING_MODES}.")
 
 
 def _setup_logging() -> None:
@@ -59,8 +71,25 @@ def _load(params_file: Optional[Path], overrides: dict[str, Any]) -> Params:
     return load_params(params_file, overrides)
 
 
-def _dataset(name: str, root: Optional[Path], params: Params, cache_dir: Path):
-    return resolve_dataset(name, root, params), DatasetPaths(name, cache_dir)
+def _on_dataset(dataset: str, root: Optional[Path], params_file: Optional[Path], cache_dir: Path, overrides: dict[str, Any],
+                work: Callable[[DatasetSpec, Params, DatasetPaths], Any]) -> Any:
+    """What every dataset command does around its own work: params with its options applied, the dataset and its
+    paths, and user errors reported as one line (exit code 2)."""
+
+    def action() -> Any:
+        params = _load(params_file, overrides)
+        return work(resolve_dataset(dataset, root, params), params, DatasetPaths(dataset, cache_dir))
+
+    return _run(action)
+
+
+def _store_root(store_root: Optional[str]) -> dict[str, Any]:
+    """Masks and features live under one root: features read the masks, every later stage reads both."""
+    return {"segment.store_root": store_root, "features.store_root": store_root}
+
+
+def _encoder(model: Optional[str], pretrained: Optional[str]) -> dict[str, Any]:
+    return {"features.model": model, "features.pretrained": pretrained}
 
 
 def _print_json(payload: dict) -> None:
@@ -85,17 +114,18 @@ def prepare(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Held-out share per class when the dataset has no test split, in (0, 1)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the test split."),
+    split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of that test split (prepare.seed); training subsets have their own seeds."),
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Decode, hash, de-duplicate and split a dataset: cache/<dataset>/manifest.csv, splits.json, prepare.json."""
+    """Decode, hash, de-duplicate and split a dataset: cache/<dataset>/manifest.csv, splits.json, prepare.json.
+
+    The split it makes stays until the next `medfocus prepare`: later commands never re-split with other settings.
+    """
     from medfocus.stages.prepare import prepare as run_prepare
 
-    def action() -> None:
-        params = _load(params_file, {"prepare.test_fraction": test_fraction, "prepare.seed": seed})
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         summary = run_prepare(spec, params, paths, progress=not quiet)
         keys = ("dataset", "images", "counts", "corrupt_count", "duplicate_groups", "duplicate_files_removed", "leaked_train_test",
                 "near_duplicate_groups", "near_duplicate_files_removed", "near_duplicate_leaks", "near_duplicate_label_conflicts", "warnings")
@@ -103,7 +133,27 @@ def prepare(
                                                       "leaked": [p for leak in summary["leaks"] for p in leak["removed_from_train"]],
                                                       "summary": str(paths.prepare_summary)})
 
-    _run(action)
+    _on_dataset(dataset, root, params_file, cache_dir, {"prepare.test_fraction": test_fraction, "prepare.seed": split_seed}, work)
+
+
+@app.command()
+def resolve(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+) -> None:
+    """Write today's content specs of segment and features (what `auto` resolves to included); builds no model."""
+    from medfocus.stages.resolve import resolve as run_resolve
+
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
+        result = run_resolve(spec, params, paths)
+        _print_json(result | {"specs": [str(paths.segment_spec), str(paths.features_spec)]})
+        return result
+
+    _on_dataset(dataset, root, params_file, cache_dir, _encoder(model, pretrained), work)
 
 
 def main() -> None:  # pragma: no cover - console entry
@@ -128,7 +178,7 @@ def segment(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
     backend: Optional[str] = typer.Option(None, "--backend", help="litemedsam (offline pretrained) or sam2 (needs weights)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="ROI policy; 'auto' picks the measured best for the dataset."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="ROI policy: whole-image, centre-box, grid-score, dark-blob, or auto (the measured best for the dataset)."),
     sam2_model: Optional[str] = typer.Option(None, "--sam2-model", help="tiny | small | base_plus | large"),
     sam2_checkpoint: Optional[str] = typer.Option(None, "--sam2-checkpoint", help="Local checkpoint path, or 'auto' (Hugging Face hub cache)."),
     sam2_mode: Optional[str] = typer.Option(None, "--sam2-mode", help="auto (the paper's automatic mask generator) or prompted (fast)."),
@@ -143,19 +193,16 @@ def segment(
     """Segment every image once into the dataset's Zarr mask store (new images only on a rerun)."""
     from medfocus.stages.segment import segment as run_segment
 
-    def action() -> dict:
-        params = _load(params_file, {
-            "segment.backend": backend, "segment.policy": policy, "segment.sam2_model": sam2_model,
-            "segment.sam2_checkpoint": sam2_checkpoint, "segment.sam2_mode": sam2_mode,
-            "segment.sam2_image_size": sam2_image_size, "segment.scheduler": scheduler,
-            "segment.workers": workers, "segment.store_root": store_root,
-        })
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
         summary = run_segment(spec, params, paths, progress=not quiet)
         _print_json(_stage_overview(summary, ("policy",)) | {"summary": str(paths.segment_summary)})
         return summary
 
-    _exit_if_everything_failed(_run(action))
+    overrides = {"segment.backend": backend, "segment.policy": policy, "segment.sam2_model": sam2_model,
+                 "segment.sam2_checkpoint": sam2_checkpoint, "segment.sam2_mode": sam2_mode,
+                 "segment.sam2_image_size": sam2_image_size, "segment.scheduler": scheduler, "segment.workers": workers,
+                 **_store_root(store_root)}
+    _exit_if_everything_failed(_on_dataset(dataset, root, params_file, cache_dir, overrides, work))
 
 
 @app.command("show-masks")
@@ -164,34 +211,33 @@ def show_masks(
     root: Optional[Path] = RootOption,
     count: int = typer.Option(8, "--count", "-n", min=1, max=64, help="How many images."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default cache/<dataset>/masks_gallery.png)."),
+    store_root: Optional[str] = StoreRootOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
 ) -> None:
     """Write a PNG gallery of images with every mask and the ROI overlaid."""
+    from medfocus.pipeline.specs import resolve_segment
     from medfocus.stages.common import load_prepared
     from medfocus.stages.gallery import write_gallery
-    from medfocus.stages.segment import current_mask_store
+    from medfocus.stages.stores import current_mask_store
 
-    def action() -> None:
-        params = _load(params_file, {})
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         prepared = load_prepared(spec, params, paths)
-        store = current_mask_store(spec, params, paths)
-        options = store.attrs["provenance"]["options"]
-        title = f"{dataset}: {options['backend']} masks, ROI policy {options['policy']}"
-        path = write_gallery(prepared, store, output or paths.gallery, count, title)
-        typer.echo(str(path))
+        segmenter = resolve_segment(params.segment, spec.name)
+        store = current_mask_store(spec, params, paths, segmenter)
+        title = f"{dataset}: {segmenter.build_options['backend']} masks, ROI policy {segmenter.build_options['policy']}"
+        typer.echo(str(write_gallery(prepared, store, output or paths.gallery, count, title)))
 
-    _run(action)
+    _on_dataset(dataset, root, params_file, cache_dir, _store_root(store_root), work)
 
 
 @app.command()
 def features(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip model (ViT-B-32, ViT-B-16, hf-hub:...) or litemedsam."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, hf-hub: name, local file, auto or none."),
-    mode: Optional[list[str]] = typer.Option(None, "--mode", help="ROI steering mode(s): none, overlay, blur, crop, attention (repeatable)."),
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    mode: Optional[list[str]] = typer.Option(None, "--mode", help=f"ROI steering modes to encode (features.modes; repeatable): {STEERING_MODES}."),
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     store_root: Optional[str] = StoreRootOption,
@@ -202,51 +248,55 @@ def features(
     """Encode every image once per ROI steering mode into Zarr feature stores (new images only on a rerun)."""
     from medfocus.stages.features import features as run_features
 
-    def action() -> dict:
-        params = _load(params_file, {
-            "features.model": model, "features.pretrained": pretrained, "features.modes": mode or None,
-            "features.scheduler": scheduler, "features.workers": workers, "features.store_root": store_root,
-        })
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
         summary = run_features(spec, params, paths, progress=not quiet)
         overview = _stage_overview(summary, ("weights_source",))
         overview["stores"] = {m: v["store"] for m, v in summary["modes"].items()}
         _print_json(overview | {"summary": str(paths.features_summary)})
         return summary
 
-    _exit_if_everything_failed(_run(action))
+    overrides = {**_encoder(model, pretrained), "features.modes": mode or None, "features.scheduler": scheduler,
+                 "features.workers": workers, **_store_root(store_root)}
+    _exit_if_everything_failed(_on_dataset(dataset, root, params_file, cache_dir, overrides, work))
 
 
 @app.command()
 def train(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
-    method: Optional[str] = typer.Option(None, "--method", help="medfocus, clip_fewshot, linear_probe, tip_adapter, tip_adapter_f, zero_shot."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Feature store (ROI steering mode) to train on."),
-    fraction: Optional[float] = typer.Option(None, "--fraction", help="Training fraction (one of prepare.fractions)."),
-    shots: Optional[int] = typer.Option(None, "--shots", help="Images per class instead of a fraction (one of prepare.shots)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Subset and training seed."),
+    method: Optional[str] = MethodOption,
+    mode: Optional[str] = TrainModeOption,
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Train on this fraction of the training images (one of prepare.fractions)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Train on k images per class instead of a fraction (one of prepare.shots)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Subset and training seed (one of prepare.subset_seeds)."),
     lambda_: Optional[float] = typer.Option(None, "--lambda", help="Loss mix λ·L_c + (1−λ)·L_e."),
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    store_root: Optional[str] = StoreRootOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
 ) -> None:
     """Fit one head on the cached features of a training subset and save it under cache/<dataset>/models/."""
     from medfocus.stages.train import train as run_train
 
-    def action() -> None:
-        params = _load(params_file, {"train.method": method, "train.mode": mode, "train.fraction": fraction,
-                                     "train.shots": shots, "train.seed": seed, "train.lambda": lambda_})
-        spec, paths = _dataset(dataset, root, params, cache_dir)
-        _print_json(run_train(spec, params, paths))
-
-    _run(action)
+    overrides = {"train.method": method, "train.mode": mode, "train.fraction": fraction, "train.shots": shots,
+                 "train.seed": seed, "train.lambda": lambda_, **_encoder(model, pretrained), **_store_root(store_root)}
+    _on_dataset(dataset, root, params_file, cache_dir, overrides,
+                lambda spec, params, paths: _print_json(run_train(spec, params, paths)))
 
 
 @app.command()
 def evaluate(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
-    shots: bool = typer.Option(False, "--shots", help="Also run the k-shot subsets (prepare.shots)."),
+    method: Optional[list[str]] = typer.Option(None, "--method", help="Methods to compare (evaluate.methods; repeatable)."),
+    mode: Optional[list[str]] = typer.Option(None, "--mode", help=f"ROI steering modes (feature stores) to compare (evaluate.modes; repeatable): {STEERING_MODES}."),
+    fraction: Optional[list[float]] = typer.Option(None, "--fraction", help="Training fractions to run (evaluate.fractions; repeatable; each one of prepare.fractions)."),
+    shots: Optional[list[int]] = typer.Option(None, "--shots", help="Also run k images per class (evaluate.shots; repeatable; each one of prepare.shots)."),
+    seed: Optional[list[int]] = typer.Option(None, "--seed", help="Subset and training seeds (evaluate.seeds; repeatable)."),
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    store_root: Optional[str] = StoreRootOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
@@ -254,17 +304,16 @@ def evaluate(
     """Run the protocol (methods × modes × fractions × seeds) and write metrics.json, runs.csv and plots."""
     from medfocus.stages.evaluate import evaluate as run_evaluate
 
-    def action() -> None:
-        params = _load(params_file, {})
-        if shots and not params.evaluate.shots:
-            params.evaluate.shots = list(params.prepare.shots)
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         metrics = run_evaluate(spec, params, paths, progress=not quiet)
         headline = [r for r in metrics["results"] if r["fraction"] == min(params.evaluate.fractions or [1.0])]
         _print_json({"weights_source": metrics["weights_source"], "random_init": metrics["random_init"],
                      "lowest_fraction": headline, "metrics": str(paths.metrics)})
 
-    _run(action)
+    overrides = {"evaluate.methods": method or None, "evaluate.modes": mode or None, "evaluate.fractions": fraction or None,
+                 "evaluate.shots": shots or None, "evaluate.seeds": seed or None, **_encoder(model, pretrained),
+                 **_store_root(store_root)}
+    _on_dataset(dataset, root, params_file, cache_dir, overrides, work)
 
 
 @app.command()
@@ -272,21 +321,23 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files (any format prepare reads, DICOM included)."),
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
-    model: Optional[Path] = typer.Option(None, "--model", help="A saved head (default: the one params.yaml's train section names)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="The ROI steering mode the head was trained on."),
+    head: Optional[Path] = typer.Option(None, "--head", help="A head saved by `medfocus train` (default: the one params.yaml's train section names)."),
+    mode: Optional[str] = TrainModeOption,
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    store_root: Optional[str] = StoreRootOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
 ) -> None:
     """Classify new images: segment + encode each with the dataset's settings, then the trained head; writes overlay PNGs."""
     from medfocus.stages.predict import predict as run_predict
 
-    def action() -> None:
-        params = _load(params_file, {"train.mode": mode})
-        spec, paths = _dataset(dataset, root, params, cache_dir)
-        for result in run_predict(spec, params, paths, images, model):
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
+        for result in run_predict(spec, params, paths, images, head):
             _print_json(result)
 
-    _run(action)
+    overrides = {"train.mode": mode, **_encoder(model, pretrained), **_store_root(store_root)}
+    _on_dataset(dataset, root, params_file, cache_dir, overrides, work)
 
 
 @app.command("roi-eval")
@@ -306,12 +357,10 @@ def roi_eval(
     """Dice and IoU of the automatic ROI against ground-truth masks, per class and overall, with seconds per image."""
     from medfocus.pipeline.manifest import write_json
     from medfocus.pipeline.segmenters import create_segmenter, evaluate_roi
+    from medfocus.pipeline.specs import resolve_segment
     from medfocus.stages.common import load_prepared
-    from medfocus.stages.segment import segmenter_options
 
-    def action() -> None:
-        params = _load(params_file, {"segment.policy": policy, "segment.backend": backend})
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         prepared = load_prepared(spec, params, paths, progress=not quiet)
         taken: dict[str, int] = {}
         items = []
@@ -319,18 +368,18 @@ def roi_eval(
             if limit is None or taken.get(entry.label, 0) < limit:
                 taken[entry.label] = taken.get(entry.label, 0) + 1
                 items.append((prepared.image_path(entry), entry.label))
-        segmenter = create_segmenter(**segmenter_options(params.segment, spec.name))
+        segmenter = create_segmenter(**resolve_segment(params.segment, spec.name).build_options)
         report = evaluate_roi(segmenter, items, masks, suffix, images_root=prepared.root.resolve(), progress=not quiet)
         path = output or paths.dir / "roi_eval.json"
         write_json(path, report)
         _print_json({k: report[k] for k in ("per_class", "lesion", "empty_gt", "overall")} | {"report": str(path)})
 
-    _run(action)
+    _on_dataset(dataset, root, params_file, cache_dir, {"segment.policy": policy, "segment.backend": backend}, work)
 
 
 @app.command("demo-data")
 def demo_data(
-    root: Path = typer.Option(Path("data/demo"), "--root", help="Where to write the demo dataset."),
+    root: Path = typer.Option(Path("data/demo"), "--root", help="The demo dataset's folder, where it is written."),
     images_per_class: Optional[int] = typer.Option(None, "--images-per-class", min=2, help="Default: prepare.demo_images_per_class."),
     params_file: Optional[Path] = ParamsOption,
 ) -> None:
@@ -350,16 +399,19 @@ def demo_data(
 def report(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
+    mode: Optional[str] = TrainModeOption,
+    model: Optional[str] = ModelOption,
+    pretrained: Optional[str] = PretrainedOption,
+    store_root: Optional[str] = StoreRootOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
 ) -> None:
     """Write cache/<dataset>/report/index.html: results beside the paper's, plots, ROI gallery, attention overlays, provenance."""
     from medfocus.stages.report import report as run_report
 
-    def action() -> None:
-        params = _load(params_file, {})
-        spec, paths = _dataset(dataset, root, params, cache_dir)
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         summary = run_report(spec, params, paths)
         _print_json({k: summary[k] for k in ("report", "weights_source", "random_init", "images")})
 
-    _run(action)
+    overrides = {"train.mode": mode, **_encoder(model, pretrained), **_store_root(store_root)}
+    _on_dataset(dataset, root, params_file, cache_dir, overrides, work)

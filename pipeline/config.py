@@ -264,6 +264,20 @@ class Params(Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     report: ReportParams = Field(default_factory=ReportParams)
 
+    @model_validator(mode="after")
+    def _train_and_evaluate_default_to_the_computed_modes(self) -> "Params":
+        """train.mode and evaluate.modes, where not given, name feature stores the features stage makes (features.modes).
+
+        Fixed defaults drift from features.modes (and an encoder without attention cannot make 'attention'), and then a
+        pipeline run with default settings ends at train with no store to read. train takes the last ROI-steered mode.
+        """
+        if "mode" not in self.train.model_fields_set:
+            steered = [mode for mode in self.features.modes if mode != "none"]
+            self.train.mode = steered[-1] if steered else "none"
+        if "modes" not in self.evaluate.model_fields_set:
+            self.evaluate.modes = list(self.features.modes)
+        return self
+
 
 def _describe_errors(error: ValidationError, source: str, raw: dict[str, Any]) -> str:
     lines = []

@@ -149,3 +149,14 @@ def test_registered_datasets_come_from_the_packaged_data_file():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert datasets.REGISTERED_DATASETS_FILE in pyproject["tool"]["setuptools"]["package-data"]["medfocus.pipeline"]
+
+
+def test_train_and_evaluate_default_to_the_modes_features_computes():
+    defaults = parse_params({})
+    assert defaults.train.mode in defaults.features.modes and defaults.evaluate.modes == defaults.features.modes
+    chosen = parse_params({"features": {"modes": ["none", "crop"]}})
+    assert (chosen.train.mode, chosen.evaluate.modes) == ("crop", ["none", "crop"])
+    assert parse_params({"features": {"modes": ["none"]}}).train.mode == "none"
+    # Given values stand, wherever they come from.
+    given = parse_params({"features": {"modes": ["none", "crop"]}, "evaluate": {"modes": ["none"]}}, overrides={"train.mode": "none"})
+    assert (given.train.mode, given.evaluate.modes) == ("none", ["none"])

@@ -80,7 +80,7 @@ def test_training_twice_with_one_seed_saves_the_same_head(encoded, tmp_path):
 def test_a_head_is_refused_for_features_of_another_mode_or_model(encoded, tmp_path):
     head = train(encoded)["model"]
     image = sorted((encoded["root"] / "cyst").glob("*.png"))[0]
-    other_mode = medfocus("predict", image, *encoded["common"], "--mode", "none", "--model", head)
+    other_mode = medfocus("predict", image, *encoded["common"], "--mode", "none", "--head", head)
     assert other_mode.exit_code == 2
     assert "refusing the model" in other_mode.stderr and "mode: saved 'attention', expected 'none'" in other_mode.stderr
 
@@ -97,7 +97,7 @@ def test_a_head_is_refused_for_features_of_another_mode_or_model(encoded, tmp_pa
     other_model = write_params(tmp_path, **(SETTINGS | {"features": SETTINGS["features"] | {"model": "ViT-S-32"}}))
     common = ("-d", DATASET, "--root", encoded["root"], "--params", other_model, "--cache-dir", cache)
     assert stage_json(medfocus("features", *common, "-q", "--mode", "attention"))["processed"] == 6
-    refused = medfocus("predict", image, *common, "--model", head)
+    refused = medfocus("predict", image, *common, "--head", head)
     assert refused.exit_code == 2
     assert "refusing the model" in refused.stderr and "feature_store_key" in refused.stderr
 
@@ -196,7 +196,7 @@ def test_predict_writes_overlays_and_reproduces_the_training_features(encoded, t
     for folder, name in (("a", "cyst"), ("b", "nodule")):
         (tmp_path / folder).mkdir()
         images.append(Path(shutil.copy(sorted((encoded["root"] / name).glob("*.png"))[0], tmp_path / folder / "scan.png")))
-    result = medfocus("predict", *images, *encoded["common"], "--model", head)
+    result = medfocus("predict", *images, *encoded["common"], "--head", head)
     assert result.exit_code == 0, result.output
     predictions = json.loads((encoded["cache"] / DATASET / "predictions" / "predictions.json").read_text())
     assert [p["image"] for p in predictions] == [str(path) for path in images]
