@@ -49,10 +49,12 @@ def test_bad_values_name_key_and_value(tmp_path, yaml_text, key, value):
 
 
 def test_sam2_input_size_reaches_the_segmenter_and_the_generator_keeps_its_native_size():
-    from medfocus.stages.segment import segmenter_options
+    from medfocus.pipeline.specs import resolve_segment
 
-    params = parse_params({"segment": {"backend": "sam2", "sam2_image_size": 512}})
-    assert segmenter_options(params.segment, "covid")["image_size"] == 512
+    # allow_random_init: no SAM2 weights are needed to see which options the segmenter is built with.
+    params = parse_params({"segment": {"backend": "sam2", "sam2_image_size": 512, "allow_random_init": True}})
+    segmenter = resolve_segment(params.segment, "covid")
+    assert segmenter.build_options["image_size"] == 512 and segmenter.content["model"]["image_size"] == 512
     with pytest.raises(ConfigError, match="sam2_image_size 512 needs sam2_mode 'prompted'"):
         parse_params({"segment": {"backend": "sam2", "sam2_mode": "auto", "sam2_image_size": 512}})
 
