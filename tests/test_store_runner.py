@@ -1,4 +1,5 @@
-"""The Zarr image store and the incremental dask runner, on every scheduler, with a real per-image function."""
+"""The Zarr image stores (generic and typed) and the incremental dask runner, on every scheduler, with a real per-image
+function."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import pytest
 
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.runner import Outcome, WorkItem, parse_scheduler, run_incremental
-from medfocus.pipeline.store import ImageStore, IncompleteImageError, StoreMismatchError, store_key
+from medfocus.pipeline.store import (
+    FeatureStore,
+    ImageStore,
+    IncompleteImageError,
+    MaskStore,
+    StoreMismatchError,
+    StoreMissingError,
+    store_key,
+)
 
 from .conftest import write_image
 
@@ -57,6 +66,47 @@ def test_half_written_image_is_not_done_and_is_overwritten(tmp_path):
     store.write_image("abc", {"roi": np.ones((2, 2), bool)}, {"n": 1})
     arrays, attrs = store.read_image("abc")
     assert set(arrays) == {"roi"} and attrs == {"n": 1, "complete": True}
+
+
+def test_mask_store_writes_masks_and_embedding_and_looks_up_by_key(tmp_path):
+    url = str(tmp_path / "masks" / "k1.zarr")
+    with pytest.raises(StoreMissingError, match="medfocus segment --dataset demo"):
+        MaskStore.lookup(url, "k1", "demo")
+    store = MaskStore.create(url, "k1", {"policy": "whole-image"}, {"versions": {}})
+    labels = np.arange(16, dtype=np.int64).reshape(4, 4)
+    embedding = {"global": np.ones(8), "patches": np.zeros((4, 8)), "roi_weights": np.full(4, 0.5), "roi_global": np.ones(8)}
+    store.write("img", labels, labels > 7, {"roi_index": 1}, embedding)
+    store.write("no-embedding", labels, labels > 7, {"roi_index": None})
+    roi, stored_labels = MaskStore.lookup(url, "k1", "demo").read_masks("img")
+    assert stored_labels.dtype == np.uint16 and roi.dtype == bool and np.array_equal(roi, labels > 7)
+    read = store.read_embedding("img")
+    assert set(read) == set(embedding) and all(read[name].dtype == np.float32 for name in read)
+    with pytest.raises(IncompleteImageError, match="no embedding for this image"):
+        store.read_embedding("absent")
+    with pytest.raises(IncompleteImageError, match="rerun `medfocus segment`"):
+        store.read_masks("absent")
+    with pytest.raises(StoreMismatchError):  # another key at this location: made with other settings
+        MaskStore.lookup(url, "k2", "demo")
+
+
+def test_feature_store_text_is_checked_against_the_prompts(tmp_path):
+    url = str(tmp_path / "features" / "f1.zarr")
+    with pytest.raises(StoreMissingError, match="medfocus features --dataset demo --mode dual"):
+        FeatureStore.lookup(url, "f1", "demo", "dual")
+    store = FeatureStore.create(url, "f1", {"mode": "dual"}, {})
+    store.write_features("img", {"global": np.ones(4), "patches": np.ones((2, 4)), "roi_weights": np.ones(2),
+                                 "roi_global": np.ones(4)}, np.dtype("float16"))
+    arrays, _ = store.read_image("img")
+    assert arrays["global"].dtype == np.float16 and arrays["roi_weights"].dtype == np.float32
+    assert store.array_names() == ("global", "patches", "roi_weights", "roi_global")
+    text = {"class_names": ["a", "b"], "prompts": {"a": ["an a"], "b": ["a b", "the b"]}}
+    assert not store.text_matches(text)
+    store.write_text(text, np.ones((3, 4)), [0, 1, 1], ["an a", "a b", "the b"])
+    assert store.text_matches(text)
+    assert not store.text_matches(text | {"prompts": {"a": ["an a"], "b": ["a b"]}})  # an edited prompt
+    assert not store.text_matches(None)  # an encoder without text must not read another's text
+    store.write_text(text | {"prompts": {"a": ["an a"], "b": ["a b"]}}, np.zeros((2, 4)), [0, 1], ["an a", "a b"])
+    assert store.read_shared("text")[0].shape == (2, 4)  # rewritten, not kept
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "threads", "processes", "local-cluster:2"])
