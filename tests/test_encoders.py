@@ -321,6 +321,41 @@ def test_litemedsam_encoder_with_bundled_weights():
         encoder.encode_text(["a tumour"])
 
 
+def test_litemedsam_preprocessing_is_the_segmenters_min_max_and_top_left_pad():
+    """One LiteMedSAM preprocessing for segmenter and encoder: what lets the features reuse the segment embedding."""
+    from medfocus.pipeline import medsam_lite
+    from medfocus.pipeline.encoders import LiteMedSamEncoder
+
+    wide = np.zeros((64, 128, 3), dtype=np.uint8)
+    wide[:, :, :] = np.linspace(50, 150, 128, dtype=np.uint8)[None, :, None]
+    pixels = medsam_lite.preprocess(wide)
+    assert pixels.shape == (3, 256, 256)
+    assert torch.allclose(pixels[:, :128].amin(), torch.tensor(0.0)) and torch.allclose(pixels[:, :128].amax(), torch.tensor(1.0))
+    assert float(pixels[:, 128:].abs().max()) == 0.0  # the padding lies below the image, not around it
+    encoder = LiteMedSamEncoder("none", runtime="torch")
+    torch.testing.assert_close(encoder.preprocess(wide), pixels, rtol=0, atol=0)
+    assert encoder.placement == "top-left"
+
+
+def test_litemedsam_summary_pools_the_roi_at_full_resolution():
+    from medfocus.pipeline.medsam_lite import summarize_embedding
+
+    embedding = torch.zeros(256, 64, 64)
+    embedding[:, :32, :] = 1.0  # the top half of the 256² input carries ones
+    roi = np.zeros((64, 128), dtype=bool)
+    roi[:, :64] = True  # the left half of a 64x128 image: the input's top-left quarter
+    summary = summarize_embedding(embedding, (64, 128), roi, token_grid=16)
+    assert summary["patches"].shape == (256, 256) and summary["global"].shape == (256,)
+    np.testing.assert_allclose(summary["global"], 0.5)
+    np.testing.assert_allclose(summary["roi_global"], 1.0)  # the ROI lies where the ones are
+    expected = np.zeros((16, 16), dtype=np.float32)
+    expected[:8, :8] = 1.0
+    np.testing.assert_allclose(summary["roi_weights"].reshape(16, 16), expected)
+    without_roi = summarize_embedding(embedding, (64, 128), None, token_grid=16)
+    np.testing.assert_allclose(without_roi["roi_global"], without_roi["global"])  # no ROI: never an invented region
+    assert not without_roi["roi_weights"].any()
+
+
 # --- steering -------------------------------------------------------------------------------------------------------
 
 
@@ -405,6 +440,11 @@ def test_roi_patch_weights_on_a_constructed_mask():
     full = np.ones((64, 64), dtype=bool)
     band = roi_patch_weights(full, (4, 4), image_shape=(100, 200, 3)).reshape(4, 4)
     np.testing.assert_allclose(band, np.array([[0.0] * 4, [1.0] * 4, [1.0] * 4, [0.0] * 4]), atol=1e-6)
+    # LiteMedSAM pads at the bottom instead: the same image fills the top two patch rows.
+    top = roi_patch_weights(full, (4, 4), image_shape=(100, 200, 3), placement="top-left").reshape(4, 4)
+    np.testing.assert_allclose(top, np.array([[1.0] * 4, [1.0] * 4, [0.0] * 4, [0.0] * 4]), atol=1e-6)
+    with pytest.raises(ValueError, match="placement"):
+        roi_patch_weights(full, (4, 4), placement="bottom")
 
 
 def test_attention_bias_formula():
