@@ -162,10 +162,10 @@ class SegmentParams(ParallelParams):
 
 
 class FeaturesParams(ParallelParams):
-    model: str = Field(default="ViT-B-32", description="open_clip model name, an hf-hub: name, or 'litemedsam' (offline pretrained medical encoder).")
+    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, or 'litemedsam'.")
     pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'.")
-    allow_random_init: bool = Field(default=True, description="With pretrained=auto: fall back to random init offline (every output then says random-init).")
-    modes: list[Literal["none", "overlay", "blur", "crop", "attention"]] = Field(default=["none", "attention"], description="ROI steering modes to compute, each its own store.")
+    allow_random_init: bool = Field(default=False, description="An open_clip model with pretrained=auto and no weights: random init (every output then says random-init) instead of an error. For tests.")
+    modes: list[Literal["none", "overlay", "blur", "crop", "attention", "dual"]] = Field(default=["none", "dual"], description="ROI steering modes to compute, each its own store.")
     overlay_alpha: float = Field(default=0.4, gt=0.0, le=1.0, description="overlay: opacity of the painted masks.")
     blur_sigma: float = Field(default=0.03, gt=0.0, le=1.0, description="blur: Gaussian sigma outside the ROI, as a fraction of the image's shorter side.")
     crop_margin: float = Field(default=0.1, ge=0.0, le=2.0, description="crop: margin around the ROI box, as a fraction of the box's longer side.")
