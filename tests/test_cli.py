@@ -73,8 +73,10 @@ def _invoke(*args: str):
 
 
 def test_options_reach_their_params(captured, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {method: medfocus}\n")  # medfocus_dual (the repository's choice) needs mode dual
     common = ["--dataset", "knee", "--root", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--store-root", str(tmp_path / "stores"),
-              "--model", "litemedsam"]
+              "--model", "litemedsam", "--params", str(params)]
     _invoke("train", *common, "--shots", "2", "--seed", "1", "--mode", "none")
     _invoke("evaluate", *common, "--shots", "1", "--shots", "2", "--seed", "0", "--mode", "none", "--mode", "crop",
             "--fraction", "0.5", "--method", "linear_probe", "-q")

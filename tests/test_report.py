@@ -21,7 +21,7 @@ CLASSES = ("alpha", "beta")
 PARAMS = {
     "prepare": {"fractions": [0.05, 1.0], "shots": [1], "subset_seeds": [0]},
     "segment": {"policy": "whole-image", "scheduler": "synchronous", "workers": 1},
-    "features": {"modes": ["attention"], "scheduler": "synchronous", "workers": 1},
+    "features": {"model": "ViT-B-32", "pretrained": "none", "modes": ["attention"], "scheduler": "synchronous", "workers": 1},
     "train": {"epochs": 3, "fraction": 1.0},
     "evaluate": {"methods": ["zero_shot", "medfocus"], "modes": ["attention"], "fractions": [0.05, 1.0], "seeds": [0]},
     "report": {"gallery_images": 4},
@@ -134,8 +134,8 @@ def test_results_sit_beside_the_papers_numbers():
 
 
 def test_no_banner_with_pretrained_models():
-    segment = {"segmenter": {"backend": "litemedsam", "checkpoint_sha256": "ab12"}}
+    segment = {"random_init": False, "spec": {"backend": "litemedsam", "model": {"weights_sha256": "ab12"}}}
     features = {"random_init": False, "weights_source": "pretrained:openai", "encoder": {"model": "ViT-B-16"}}
     assert random_init_parts(segment, features, {"random_init": False}) == []
-    segment_random = {"segmenter": {"backend": "sam2", "weights": "random-init"}}
+    segment_random = {"random_init": True, "spec": {"backend": "sam2", "model": {"weights_sha256": "random-init"}}}
     assert random_init_parts(segment_random, features, {"random_init": False}) == ["the segmenter (sam2)"]
