@@ -41,6 +41,7 @@ class DatasetDefinition(Section):
     root: str = Field(description="Folder-per-class directory, train/ + test/ folders, or a CSV path,label[,split].")
     modality: str = Field(default="medical image", description="Used in generic prompts, e.g. 'chest X-ray'.")
     classes: list[ClassDefinition] = Field(default_factory=list, description="Empty: the class folders found under root.")
+    ignore_folders: list[str] = Field(default_factory=list, description="Folders under root that hold no class (e.g. masks).")
 
 
 class PrepareParams(Section):

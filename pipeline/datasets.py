@@ -91,7 +91,8 @@ def _from_definition(name: str, definition: DatasetDefinition) -> DatasetSpec:
         ClassSpec(c.name, tuple(c.prompts) or generic_prompts(c.name, definition.modality), tuple(c.folders))
         for c in definition.classes
     )
-    return DatasetSpec(name, Path(definition.root), definition.modality, classes)
+    return DatasetSpec(name, Path(definition.root), definition.modality, classes,
+                       ignore_folders=tuple(definition.ignore_folders))
 
 
 def registry(params: Params | None = None) -> dict[str, DatasetSpec]:

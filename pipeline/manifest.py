@@ -136,7 +136,7 @@ def match_classes(spec: DatasetSpec, folders: list[str]) -> tuple[DatasetSpec, d
         if not matches:
             raise DatasetError(
                 f"dataset {spec.name!r}: folder {folder!r} matches none of its classes {spec.class_names}; "
-                "rename it, remove it, or declare the dataset under custom_datasets in params.yaml"
+                "rename it, remove it, or declare the dataset under custom_datasets in params.yaml (ignore_folders: folders that hold no class)"
             )
         mapping[folder] = matches[0]
     return spec, mapping

@@ -162,3 +162,27 @@ def test_train_and_evaluate_default_to_the_modes_features_computes():
     # Given values stand, wherever they come from.
     given = parse_params({"features": {"modes": ["none", "crop"]}, "evaluate": {"modes": ["none"]}}, overrides={"train.mode": "none"})
     assert (given.train.mode, given.evaluate.modes) == ("none", ["none"])
+
+
+def test_custom_dataset_ignores_its_mask_folders(tmp_path):
+    from medfocus.pipeline.datasets import resolve_dataset
+    from medfocus.pipeline.manifest import DatasetError, discover, match_classes
+
+    from .conftest import write_image
+
+    root = tmp_path / "knee"
+    for index, folder in enumerate(("healthy", "arthritis", "masks/arthritis")):
+        write_image(root / folder / "a.png", seed=index)
+    definition = "custom_datasets:\n  knee:\n    root: {root}\n    classes: [{{name: healthy}}, {{name: arthritis}}]\n"
+    path = tmp_path / "params.yaml"
+
+    def folders_and_classes(extra: str = "") -> tuple[list[str], dict[str, str]]:
+        path.write_text(definition.format(root=root) + extra)
+        spec = resolve_dataset("knee", params=load_params(path))
+        _, found, per_class = discover(spec)
+        return sorted(entry.folder for entry in found), match_classes(spec, list(per_class))[1]
+
+    with pytest.raises(DatasetError, match="folder 'masks' matches none of its classes.*ignore_folders"):
+        folders_and_classes()
+    assert folders_and_classes("    ignore_folders: [masks]\n") == (
+        ["arthritis", "healthy"], {"healthy": "healthy", "arthritis": "arthritis"})
