@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfocus.trainer.config import TrainConfig
-from medfocus.trainer.methods import METHODS, ROI_VIEW_METHODS
+from medfocus.trainer.config import METHODS, ROI_VIEW_METHODS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 

@@ -20,6 +20,12 @@ def _positive_sorted(values: list[float], name: str) -> list[float]:
     return sorted(set(values))
 
 
+# The trainer's methods by name (settings validation reads these without importing torch).
+METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus", "medfocus_dual")
+TEXT_FREE_METHODS = tuple(method for method in METHODS if method != "zero_shot")
+ROI_VIEW_METHODS = ("medfocus_dual",)  # need FeatureSet.roi_global (feature stores of mode "dual")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

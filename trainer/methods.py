@@ -39,14 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import METHODS, ROI_VIEW_METHODS, TEXT_FREE_METHODS, TrainConfig
 from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible, stratified_folds, validation_split
 from .heads import CosineClassifierHead, DualViewHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
 from .losses import medfocus_loss
 
-METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus", "medfocus_dual")
-TEXT_FREE_METHODS = tuple(method for method in METHODS if method != "zero_shot")
-ROI_VIEW_METHODS = ("medfocus_dual",)  # need FeatureSet.roi_global (feature stores of mode "dual")
 FILE_FORMAT = "medfocus-trainer-head/1"
 
 

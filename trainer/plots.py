@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from medfocus.pipeline.provenance import is_random_init
 
-from .methods import METHODS
+from .config import METHODS
 
 RANDOM_INIT_WARNING = "RANDOM-INIT ENCODER (no pretrained weights) — not real results"
 # Panels in this order: the whole image first, then the ROI steering modes, then the dual view; unknown modes after.
