@@ -27,11 +27,10 @@ from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_ve
 from medfocus.trainer import fusion_attention
 from medfocus.trainer.plots import plot_attention_overlay
 
-from .common import PreparedDataset, load_prepared
+from .common import PreparedDataset, load_prepared, run_file
 from .evaluate import paper_datasets, paper_results
-from .common import run_file
 from .features import encoder_view, shared_encoder, steer
-from .gallery import pick_examples, write_gallery
+from .gallery import pick_examples, write_gallery, write_near_duplicate_gallery
 from .stores import current_feature_store, current_mask_store, resolve_features_for
 from .train import load_cached_features, load_trained, model_path
 
@@ -39,6 +38,7 @@ REPORT_PAGE = "index.html"
 ACCURACY_PLOT = "accuracy_vs_fraction.png"
 CONFUSION_PLOT = "confusion_matrix.png"
 ROI_GALLERY = "roi_gallery.png"
+NEAR_DUPLICATE_GALLERY = "near_duplicates.png"
 PAPER_FRACTION = 0.05
 # Our methods that correspond to the paper's two lines (MedFocusCLIP; CLIP after few-shot training), shown beside them.
 PAPER_COUNTERPARTS = ("medfocus", "medfocus_dual", "clip_fewshot")
@@ -220,7 +220,7 @@ def _provenance_section(info: dict) -> str:
     segment, features, prepare = info["segment"], info["features"], info["prepare"]
     encoder, segmenter = features.get("encoder", {}), segment.get("spec", {})
     model = segmenter.get("model", {})
-    segmenter_source = RANDOM_INIT if is_random_init(segment.get("weights")) else f"pretrained: {model.get('name')}"
+    segmenter_source = RANDOM_INIT if segment.get("random_init") else f"pretrained: {model.get('name')}"
     weights_rows = [
         ["image encoder", encoder.get("model"), features.get("weights_source"), encoder.get("weights_sha256")],
         ["segmenter", segmenter.get("backend"), segmenter_source, model.get("weights_sha256")],
@@ -239,6 +239,10 @@ def _provenance_section(info: dict) -> str:
         ["duplicate files removed", prepare.get("duplicate_files_removed")],
         ["unreadable files skipped", prepare.get("corrupt_count")],
         ["train/test leaks removed", prepare.get("leaked_train_test")],
+        ["near-copy groups (perceptual hash + structure)", prepare.get("near_duplicate_groups")],
+        ["near-copies removed from train", prepare.get("near_duplicate_files_removed")],
+        ["near-copies of a test image (leaks)", prepare.get("near_duplicate_leaks")],
+        ["near-copies with different labels", prepare.get("near_duplicate_label_conflicts")],
         ["warnings", "; ".join(prepare.get("warnings", [])) or None],
     ]
     return (
@@ -272,6 +276,18 @@ pre, code { font-size: 0.8em; background: #f7f7f7; word-break: break-all; white-
 """
 
 
+def _near_duplicates_section(prepare: dict) -> str:
+    if not prepare.get("near_duplicate_groups"):
+        return ("<h2>Near-copies</h2><p>prepare found no near-copies (resized, re-encoded or brightened copies) "
+                "among the images.</p>")
+    return ("<h2>Near-copies</h2>"
+            f"<p>prepare found {prepare['near_duplicate_groups']} group(s) of near-copies: "
+            f"{prepare['near_duplicate_files_removed']} training image(s) removed, {prepare['near_duplicate_leaks']} of them "
+            f"copies of a test image, and {prepare['near_duplicate_label_conflicts']} group(s) filed under different labels "
+            "(dropped from training). Every pair is listed in prepare.json; a few are shown here, label conflicts first, "
+            "then the weakest matches.</p>" + _figure(NEAR_DUPLICATE_GALLERY, "Near-copy pairs found by prepare"))
+
+
 def render_page(dataset: str, info: dict) -> str:
     random_parts = info["random_init_parts"]
     weights = info["features"].get("weights_source")
@@ -285,7 +301,7 @@ def render_page(dataset: str, info: dict) -> str:
         f"<h1>{_e(title)}</h1>",
         _banner(random_parts),
         f"<p>Encoder <code>{_e(info['features'].get('encoder', {}).get('model'))}</code>, weights <code>{_e(weights)}</code>; "
-        f"segmenter <code>{_e(info['segment'].get('segmenter', {}).get('backend'))}</code> with ROI policy "
+        f"segmenter <code>{_e(info['segment'].get('spec', {}).get('backend'))}</code> with ROI policy "
         f"<code>{_e(info['segment'].get('policy'))}</code>.</p>",
         results_section(info["metrics"], dataset),
         "<h2>Plots</h2>", *figures,
@@ -294,6 +310,7 @@ def render_page(dataset: str, info: dict) -> str:
         "<h2>Where the trained head looks</h2><p>Test images as the encoder saw them: ROI share per patch and the "
         "attention of the predicted class.</p>",
         *(overlays or ["<p>No test image has features.</p>"]),
+        _near_duplicates_section(info["prepare"]),
         _provenance_section(info),
         "</body></html>\n",
     ])
@@ -327,6 +344,9 @@ def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     mask_store = current_mask_store(spec, params, paths)
     write_gallery(prepared, mask_store, out_dir / ROI_GALLERY, params.report.gallery_images,
                   f"{spec.name}: {segment_summary['spec']['backend']} masks, ROI policy {segment_summary['policy']}")
+    if prepared.summary.get("near_duplicate_groups"):
+        write_near_duplicate_gallery(prepared.summary["near_duplicates"]["pairs"], out_dir / NEAR_DUPLICATE_GALLERY,
+                                     title=f"{spec.name}: near-copies found by prepare")
     overlay_count = min(len(prepared.class_names), params.report.gallery_images)
     overlays, head = write_attention_overlays(spec, prepared, params, paths, out_dir, overlay_count)
 

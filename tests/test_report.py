@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from medfocus.pipeline.cli import app
 from medfocus.pipeline.config import parse_params
 from medfocus.pipeline.datasets import resolve_dataset
+from medfocus.pipeline.demo import render_demo_sample
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.stages.report import ReportInputMissingError, random_init_parts, report, results_section
 
@@ -41,6 +43,10 @@ def evaluated(tmp_path_factory):
     for class_index, name in enumerate(CLASSES):
         for index in range(2):
             write_image(base / "data" / name / f"{name}_{index}.png", seed=10 * class_index + index, size=64)
+    # An image with structure and its near-copy (resized, re-encoded as JPEG): prepare must catch it, the report show it.
+    scan = Image.fromarray(render_demo_sample(0, 0, size=128).image)
+    scan.save(base / "data" / "alpha" / "alpha_scan.png")
+    scan.resize((112, 112)).save(base / "data" / "alpha" / "alpha_scan_copy.jpg", quality=90)
     params = parse_params(PARAMS)
     spec = resolve_dataset("tiny", base / "data", params)
     paths = DatasetPaths("tiny", base / "cache")
@@ -81,6 +87,7 @@ def test_report_page_pictures_and_headline(evaluated):
     for picture in pictures:
         assert (paths.report_dir / picture).stat().st_size > 1000
     assert sorted(summary["images"]) == sorted(pictures)
+    assert "near_duplicates.png" in pictures and "prepare found 1 group(s) of near-copies" in page
 
     # Provenance: weights, the stores the numbers came from, versions and params.
     segment = json.loads(paths.segment_summary.read_text())
