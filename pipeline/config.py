@@ -99,7 +99,7 @@ Device = Annotated[str, AfterValidator(_check_device)]
 
 # The names of pipeline.segmenters.policies.POLICIES, plus 'auto'; kept here so that reading params does not import
 # torch (tests/test_config.py checks that the two lists agree).
-RoiPolicyName = Literal["auto", "whole-image", "centre-box", "grid-score", "dark-blob"]
+RoiPolicyName = Literal["auto", "whole-image", "centre-box", "grid-score", "dark-blob", "demo-lesion"]
 
 
 def _open_clip_architectures() -> list[str]:
@@ -144,7 +144,7 @@ class ParallelParams(Section):
 
 class SegmentParams(ParallelParams):
     backend: Literal["litemedsam", "sam2"] = Field(default="litemedsam", description="litemedsam: offline pretrained medical SAM; sam2: Meta's SAM2 (needs weights).")
-    policy: RoiPolicyName = Field(default="auto", description="ROI proposal/selection policy (whole-image, centre-box, grid-score, dark-blob); 'auto' = the measured best for the dataset.")
+    policy: RoiPolicyName = Field(default="auto", description="ROI proposal/selection policy (whole-image, centre-box, grid-score, dark-blob, demo-lesion); 'auto' = the measured best for the dataset.")
     store_resolution: int = Field(default=256, ge=32, le=2048, description="Side of the stored label map and ROI mask.")
     sam2_model: Literal["tiny", "small", "base_plus", "large"] = "tiny"
     sam2_checkpoint: str = Field(default="auto", description="Local .pt path, or 'auto' = the Hugging Face hub cache (downloads on a connected machine).")

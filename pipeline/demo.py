@@ -7,11 +7,13 @@ organ sits one small lesion (about 2-4 % of the image) whose shape and texture g
 - ``nodule``: solid, oval and gently lobulated, with coarse internal texture and bright punctate foci;
 - ``spiculated_mass``: irregular and angular, with thin spicules radiating out of it.
 
-Every lesion is darker than the tissue around it by a ratio drawn from the same range for all classes, so its mean
-intensity does not give the class away. Everything else is class-independent nuisance: background level and texture,
-gradients and depth attenuation, speckle grain, noise, brightness and contrast, and 1-3 distractor lesions of random
-classes outside the organ. A classifier that looks at the whole image sees lesions of every class; one that focuses
-on the organ sees only the lesion that counts.
+Every lesion is markedly darker than the tissue around it (hypoechoic, 0.22-0.4 of it) by a ratio drawn from the same
+range for all classes, so its mean intensity does not give the class away. Everything else is class-independent
+nuisance: background level and texture, gradients and depth attenuation, speckle grain, noise, brightness and contrast,
+and 1-3 distractor lesions of random classes outside the organ. Distractors carry their class's shape and texture but
+are hyperechoic (1.5-2x the tissue), like the bright look-alikes of real scans: a classifier that pools the whole image
+sees lesion shapes of every class, while the one dark lesion that counts is what a box-prompted segmenter finds
+(``demo-lesion`` policy, lesion Dice in benchmarks/README.md).
 
 Layout (like BUSI's): ``root/<class>/<class>_<i:03d>.png`` (8-bit grayscale), ground-truth lesion masks
 ``root/lesion_masks/<class>/<class>_<i:03d>_mask.png`` (0/255, the in-organ lesion only), and ``root/demo.json``
@@ -42,7 +44,7 @@ from .images import file_sha256
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEMO_MANIFEST = "demo.json"
 LESION_MASKS_FOLDER = "lesion_masks"
 
@@ -76,6 +78,9 @@ _SPECKLE_STRENGTH = {"cyst": 0.15, "nodule": 1.0, "spiculated_mass": 0.9}
 # Spicules add reach and area, so a spiculated mass has a smaller body.
 _BODY_SCALE = {"cyst": 1.0, "nodule": 1.0, "spiculated_mass": 0.8}
 _MIN_SIZE = 48
+# Echogenicity relative to the tissue around it: the lesion is hypoechoic, distractors hyperechoic.
+_LESION_ECHO = (0.22, 0.4)
+_DISTRACTOR_ECHO = (1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,7 @@ class _LesionShape:
     rotation: tuple[float, float]
     harmonics: tuple[tuple[int, float, float, float], ...]  # (order, amplitude, cos phase, sin phase)
     spicules: tuple[tuple[float, float, float, float, float], ...]  # (cos, sin, start, end, base width)
-    darkness: float  # lesion echogenicity relative to the tissue around it
+    echo_ratio: float  # echogenicity relative to the tissue around it (< 1: darker)
 
     @property
     def reach(self) -> float:
@@ -217,9 +222,9 @@ def _draw_organ(rng: np.random.Generator, size: int, xs: np.ndarray, ys: np.ndar
 
 
 # ---------------------------------------------------------------------------------------------------- lesions
-def _draw_lesion(rng: np.random.Generator, kind: str) -> _LesionShape:
+def _draw_lesion(rng: np.random.Generator, kind: str, echo_range: tuple[float, float]) -> _LesionShape:
     rotation = _unit(rng.uniform(0.0, math.pi))
-    darkness = rng.uniform(0.35, 0.6)
+    echo_ratio = rng.uniform(*echo_range)
     spicules: tuple = ()
     if kind == "cyst":
         aspect, harmonics = rng.uniform(0.75, 1.0), ()
@@ -238,7 +243,7 @@ def _draw_lesion(rng: np.random.Generator, kind: str) -> _LesionShape:
              rng.uniform(0.1, 0.16))
             for j in range(count)
         )
-    return _LesionShape(kind, float(aspect), rotation, harmonics, spicules, float(darkness))
+    return _LesionShape(kind, float(aspect), rotation, harmonics, spicules, float(echo_ratio))
 
 
 def _window(centre_x: float, centre_y: float, reach_px: float, size: int) -> tuple[slice, slice]:
@@ -292,9 +297,9 @@ def _lesion_texture(rng: np.random.Generator, shape: _LesionShape, mask: np.ndar
 
 
 def _paint_lesion(rng, shape, window, coverage, mask, radius, echo, speckle_strength) -> None:
-    """Darken the tissue under the lesion by its ratio and texture; set how much speckle survives there."""
+    """Scale the tissue under the lesion by its echo ratio and texture; set how much speckle survives there."""
     texture = _lesion_texture(rng, shape, mask, radius)
-    echo[window] *= 1.0 - coverage + coverage * shape.darkness * texture
+    echo[window] *= 1.0 - coverage + coverage * shape.echo_ratio * texture
     speckle_strength[window] *= 1.0 - coverage + coverage * _SPECKLE_STRENGTH[shape.kind]
 
 
@@ -374,7 +379,7 @@ def render_demo_sample(class_index: int, index: int, size: int = 256, seed: int 
     speckle_strength = np.full((size, size), rng.uniform(0.45, 0.8))
 
     class_name = DEMO_CLASSES[class_index]
-    lesion = _draw_lesion(rng, class_name)
+    lesion = _draw_lesion(rng, class_name, _LESION_ECHO)
     radius = rng.uniform(*_LESION_RADIUS) * _BODY_SCALE[class_name] * size
     radius, window, coverage, mask = _place_in_organ(rng, lesion, organ, radius, size, capsule_px + 2.0)
     _paint_lesion(rng, lesion, window, coverage, mask, radius, echo, speckle_strength)
@@ -385,7 +390,7 @@ def render_demo_sample(class_index: int, index: int, size: int = 256, seed: int 
     distractors: list[str] = []
     for _ in range(int(rng.integers(1, 4))):
         kind = DEMO_CLASSES[int(rng.integers(0, len(DEMO_CLASSES)))]
-        shape = _draw_lesion(rng, kind)
+        shape = _draw_lesion(rng, kind, _DISTRACTOR_ECHO)
         distractor_radius = rng.uniform(*_LESION_RADIUS) * _BODY_SCALE[kind] * rng.uniform(0.8, 1.05) * size
         placed = _place_outside(rng, shape, organ, taken, distractor_radius, size, gap_px=4.0 * scale + capsule_px)
         if placed is None:

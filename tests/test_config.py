@@ -90,7 +90,7 @@ def test_not_a_mapping(tmp_path):
 @pytest.mark.parametrize(
     ("key", "typo", "allowed"),
     [
-        ("segment.policy", "dark_blob", ["'auto'", "'whole-image'", "'centre-box'", "'grid-score'", "'dark-blob'"]),
+        ("segment.policy", "dark_blob", ["'auto'", "'whole-image'", "'centre-box'", "'grid-score'", "'dark-blob'", "'demo-lesion'"]),
         ("segment.device", "gpu", ["cpu", "cuda", "cuda:N", "mps"]),
         ("features.device", "cuda0", ["cpu", "cuda", "cuda:N", "mps"]),
         ("features.model", "ViT-B-23", ["auto", "litemedsam", "hf-hub:", "ViT-B-32"]),

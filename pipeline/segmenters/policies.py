@@ -65,6 +65,10 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(image, kernel.view(1, 1, -1, 1))
 
 
+BLOB_SCALES = (0.025, 0.05, 0.1)
+BLOB_SURROUND = 2.0
+
+
 @dataclass(frozen=True)
 class Blob:
     """A region darker (or brighter) than its surroundings: centre and scale as fractions of the image side."""
@@ -87,8 +91,8 @@ def find_blobs(
     gray: np.ndarray,
     polarity: str,
     count: int,
-    sigmas: tuple[float, ...] = (0.025, 0.05, 0.1),
-    surround: float = 2.0,
+    sigmas: tuple[float, ...] = BLOB_SCALES,
+    surround: float = BLOB_SURROUND,
     border_margin: float = 0.05,
     depth_penalty: float = 0.1,
 ) -> list[Blob]:
@@ -281,6 +285,8 @@ class RoiPolicy:
     blob_count: int = 0
     blob_sigma_scales: tuple[float, ...] = (2.5,)  # box half-sides as multiples of the blob's scale
     blob_half_sides: tuple[float, ...] = ()  # box half-sides as fixed fractions of the image side
+    blob_scales: tuple[float, ...] = BLOB_SCALES  # blob detector scales (find_blobs' sigmas)
+    blob_surround: float = BLOB_SURROUND  # its surround-to-centre scale ratio
     mask_outputs: str = "single"
     refine_steps: int = 0
     refine_top: int = 1
@@ -300,7 +306,7 @@ class RoiPolicy:
     def describe(self) -> dict:
         description = dataclasses.asdict(self)
         description["weights"] = dict(sorted(self.weights.items()))
-        for name in ("grid_scales", "blob_sigma_scales", "blob_half_sides"):
+        for name in ("grid_scales", "blob_sigma_scales", "blob_half_sides", "blob_scales"):
             description[name] = list(description[name])
         return description
 
@@ -314,7 +320,8 @@ class RoiPolicy:
             boxes.append((f"centre {self.center_side:.2f}", [low, low, high, high], {}))
         boxes.extend((source, box, {}) for source, box in grid_boxes(self.grid_scales, self.grid_steps))
         if self.blob_polarity and self.blob_count:
-            for rank, blob in enumerate(find_blobs(gray, self.blob_polarity, self.blob_count), start=1):
+            blobs = find_blobs(gray, self.blob_polarity, self.blob_count, self.blob_scales, self.blob_surround)
+            for rank, blob in enumerate(blobs, start=1):
                 half_sides = [scale * blob.sigma for scale in self.blob_sigma_scales] + list(self.blob_half_sides)
                 for half in half_sides:
                     source = f"{self.blob_polarity} blob #{rank} ({blob.cx:.2f}, {blob.cy:.2f}) half-side {half:.3f}"
@@ -434,17 +441,41 @@ POLICIES: dict[str, RoiPolicy] = {
                 "box_touch": -0.521, "seed_rank": -0.0461, "whole": -0.9126,
             },
         ),
+        RoiPolicy(
+            name="demo-lesion",
+            summary="whole image + 4 dark blobs at the demo lesions' scale x 2 box sizes, every mask output, ranked by "
+            "a linear score fitted on the demo's tune half, one refinement of the best mask",
+            blob_polarity="dark",
+            blob_count=4,
+            blob_scales=(0.05,),
+            blob_surround=3.0,
+            blob_sigma_scales=(2.0, 3.0),
+            mask_outputs="all",
+            refine_steps=1,
+            min_area=0.005,
+            max_area=0.2,
+            # policy_fit.fit_weights on demo images 0-19 of each class (generator v2, LiteMedSAM); 5-fold CV Dice there
+            # 0.817, Dice 0.819 on images 20-39 (oracle 0.932). benchmarks/README.md: demo ROI.
+            weights={
+                "iou": 1.456, "stability": 1.26, "log_area": -0.3121, "log_area_sq": 0.009037, "border": -21.64,
+                "darkness": 0.5503, "inside_offset": -7.76, "inside_std": -21.58, "edge": 1.303, "fill": -3.576,
+                "consensus": 15.88, "support": -8.275, "centre_y": 0.3952, "centre_x_offset": -0.9422,
+                "box_touch": 0.9021, "seed_rank": -0.3728,
+            },
+        ),
     )
 }
 
 
 DEFAULT_POLICY_BY_DATASET: dict[str, str] = {
+    # The demo's hypoechoic lesions among hyperechoic distractors (pipeline/demo.py).
+    "demo": "demo-lesion",
     # Hypoechoic lesions: dark-blob proposals, lesion Dice 0.632 on the BUSI report half (registered name, and the
     # shared folder's name for ad-hoc use).
     "breast_cancer": "dark-blob",
     "breast_ultrasound": "dark-blob",
 }
-# Datasets without ground-truth masks to measure on; on the demo's lesion masks grid-score and dark-blob tie (≈ 0.2).
+# Datasets without ground-truth masks to measure a policy on.
 GENERIC_DEFAULT_POLICY = "grid-score"
 
 
