@@ -74,9 +74,7 @@ def write_gallery(prepared: PreparedDataset, store: ImageStore, output: Path, co
         axes[row, 1].set_title(f"{count} mask{'' if count == 1 else 's'}, ROI {roi_name}", fontsize=8)
         for axis in axes[row]:
             axis.axis("off")
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    _layout_with_title(figure, title)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=110)
     plt.close(figure)
@@ -84,6 +82,15 @@ def write_gallery(prepared: PreparedDataset, store: ImageStore, output: Path, co
 
 
 _KIND_ORDER = {"label_conflict": 0, "train_test_leak": 1, "duplicate": 2}
+
+
+def _layout_with_title(figure, title: str) -> None:
+    """Tight layout below a figure title: tight_layout ignores suptitle, so half an inch is kept free for it."""
+    if not title:
+        figure.tight_layout()
+        return
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / figure.get_figheight()))
 
 
 def write_near_duplicate_gallery(pairs: list[dict], output: Path, count: int = 6, title: str = "") -> Path:
@@ -116,9 +123,7 @@ def write_near_duplicate_gallery(pairs: list[dict], output: Path, count: int = 6
         axes[row, 0].text(1.04, -0.04, f"{pair['kind'].replace('_', ' ')}: {pair['hash_distance']} bits, "
                                         f"correlation {pair['correlation']:.3f}",
                           transform=axes[row, 0].transAxes, ha="center", va="top", fontsize=7)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    _layout_with_title(figure, title)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=110)
     plt.close(figure)
