@@ -15,12 +15,20 @@ binarised (> 0). Seconds are wall-clock per ``segment()`` call and process CPU s
 the weights fitted on all of it, ready to paste into ``policies.POLICIES``.
 
     nice -n 10 python benchmarks/roi_quality.py --fit-weights dark-blob --threads 1
+
+The demo's numbered images are split by number instead (tune: 0-19 of each class, report: 20-39):
+
+    python benchmarks/roi_quality.py --images data/demo --masks data/demo/lesion_masks --tune-below 20 \
+        --fit-weights demo-lesion
+    python benchmarks/roi_quality.py --images data/demo --masks data/demo/lesion_masks --tune-below 20 \
+        --split report --policies grid-score dark-blob demo-lesion
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N images of the split (smoke tests only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON with every per-image number")
+    parser.add_argument("--tune-below", type=int, default=None, metavar="N",
+                        help="tune half = images whose file name ends in a number below N (the demo's), report = the rest")
     parser.add_argument("--fit-weights", metavar="POLICY", default=None,
                         help="fit this policy's score weights on the tune half instead of evaluating")
     args = parser.parse_args(argv)
@@ -95,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not args.images.is_dir() or not args.masks.is_dir():
         raise SystemExit(f"need {args.images} and {args.masks} (the shared BUSI copy)")
-    items = list_class_images(args.images)
+    items = [item for item in list_class_images(args.images) if args.masks.resolve() not in (item[0].resolve().parents)]
     if not args.include_normal:
         items = [item for item in items if item[1] != "normal"]
-    tune, report = split_tune_report(items, seed=args.seed)
+    if args.tune_below is None:
+        tune, report = split_tune_report(items, seed=args.seed)
+    else:
+        numbered = [(item, re.search(r"(\d+)$", item[0].stem)) for item in items]
+        if not all(match for _, match in numbered):
+            raise SystemExit("--tune-below needs image file names that end in a number")
+        tune = [item for item, match in numbered if int(match.group(1)) < args.tune_below]
+        report = [item for item, match in numbered if int(match.group(1)) >= args.tune_below]
     chosen = {"tune": tune, "report": report, "all": tune + report}[args.split]
     if args.limit:
         chosen = chosen[: args.limit]
