@@ -44,7 +44,7 @@ from .images import file_sha256
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEMO_MANIFEST = "demo.json"
 LESION_MASKS_FOLDER = "lesion_masks"
 
@@ -239,8 +239,8 @@ def _draw_lesion(rng: np.random.Generator, kind: str, echo_range: tuple[float, f
         count = int(rng.integers(5, 10))
         offsets = rng.uniform(-0.3, 0.3, size=count)
         spicules = tuple(
-            (*_unit(2 * math.pi * (j + offsets[j]) / count), rng.uniform(0.75, 0.9), rng.uniform(1.4, 1.95),
-             rng.uniform(0.1, 0.16))
+            (*_unit(2 * math.pi * (j + offsets[j]) / count), rng.uniform(0.75, 0.9), rng.uniform(1.9, 2.6),
+             rng.uniform(0.13, 0.21))
             for j in range(count)
         )
     return _LesionShape(kind, float(aspect), rotation, harmonics, spicules, float(echo_ratio))
@@ -286,10 +286,10 @@ def _lesion_texture(rng: np.random.Generator, shape: _LesionShape, mask: np.ndar
         ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
         xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
         inside = np.argwhere(mask)
-        focus_px = max(1.0, 0.12 * radius)
-        for row, col in inside[rng.integers(0, len(inside), size=int(rng.integers(3, 7)))]:
+        focus_px = max(1.0, 0.15 * radius)
+        for row, col in inside[rng.integers(0, len(inside), size=int(rng.integers(6, 11)))]:
             dx, dy = xs - (col + 0.5), ys - (row + 0.5)
-            texture = texture + 2.0 * np.clip(1.0 - np.sqrt(dx * dx + dy * dy) / focus_px, 0.0, 1.0)
+            texture = texture + 3.0 * np.clip(1.0 - np.sqrt(dx * dx + dy * dy) / focus_px, 0.0, 1.0)
     else:
         texture = 1.0 + 0.25 * _value_noise(rng, mask.shape, 2 * cells, 2 * cells)
     texture = np.maximum(texture, 0.05)
@@ -334,7 +334,7 @@ def _place_outside(rng, shape, organ: _Organ, taken: np.ndarray, radius: float, 
 # ---------------------------------------------------------------------------------------------------- one image
 def _tissue_layers(rng: np.random.Generator, size: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Streaky background echo: horizontally stretched texture plus a few bright fascia lines."""
-    layers = 1.0 + rng.uniform(0.25, 0.45) * _value_noise(
+    layers = 1.0 + rng.uniform(0.15, 0.3) * _value_noise(
         rng, (size, size), int(rng.integers(10, 18)), int(rng.integers(3, 6))
     )
     t = xs / size - 0.5
@@ -344,7 +344,8 @@ def _tissue_layers(rng: np.random.Generator, size: int, xs: np.ndarray, ys: np.n
                               rng.uniform(-0.3, 0.3) * size)
         curve = level + slope * t + bend * t * t
         layers = layers + rng.uniform(0.3, 0.9) * np.clip(1.0 - np.abs(ys - curve) / thickness, 0.0, 1.0)
-    return np.maximum(layers, 0.15)
+    # A floor keeps the darkest tissue well above a lesion's echo: no lesion-dark blobs in the background.
+    return np.maximum(layers, 0.5)
 
 
 def render_demo_sample(class_index: int, index: int, size: int = 256, seed: int = 0) -> DemoSample:

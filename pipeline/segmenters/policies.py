@@ -5,7 +5,7 @@ A policy never sees ground truth. It works on one encoded image through a decode
 
 1. Proposals. Boxes from up to four sources: the whole image, a central box, a grid of boxes at several
    scales, and *blob boxes* from a cheap image cue (a difference of Gaussians picks regions darker, or
-   brighter, than their surroundings at three scales; hypoechoic lesions in ultrasound are dark blobs).
+   brighter, than their surroundings at the policy's scales; hypoechoic lesions in ultrasound are dark blobs).
 2. Decoding. Every proposal is decoded (one or three masks per box); near-duplicate masks (IoU >= 0.9) are
    merged, the merged count kept as ``votes``.
 3. Scoring. Each mask gets features with no ground truth in them: the decoder's predicted IoU, stability
@@ -454,13 +454,13 @@ POLICIES: dict[str, RoiPolicy] = {
             refine_steps=1,
             min_area=0.005,
             max_area=0.2,
-            # policy_fit.fit_weights on demo images 0-19 of each class (generator v2, LiteMedSAM); 5-fold CV Dice there
-            # 0.817, Dice 0.819 on images 20-39 (oracle 0.932). benchmarks/README.md: demo ROI.
+            # policy_fit.fit_weights on demo images 0-19 of each class (generator v3, LiteMedSAM); 5-fold CV Dice there
+            # 0.899, Dice 0.842 on images 20-39 (oracle 0.894). benchmarks/README.md: demo ROI.
             weights={
-                "iou": 1.456, "stability": 1.26, "log_area": -0.3121, "log_area_sq": 0.009037, "border": -21.64,
-                "darkness": 0.5503, "inside_offset": -7.76, "inside_std": -21.58, "edge": 1.303, "fill": -3.576,
-                "consensus": 15.88, "support": -8.275, "centre_y": 0.3952, "centre_x_offset": -0.9422,
-                "box_touch": 0.9021, "seed_rank": -0.3728,
+                "iou": 0.3219, "stability": 0.6284, "log_area": -0.4624, "log_area_sq": 0.05117, "border": -9.734,
+                "darkness": 0.9083, "inside_offset": -6.358, "inside_std": -3.574, "edge": 1.294, "fill": -2.892,
+                "consensus": 4.099, "support": 0.2228, "centre_y": -0.558, "centre_x_offset": -1.404,
+                "box_touch": 1.349, "seed_rank": -0.3305,
             },
         ),
     )
