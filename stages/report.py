@@ -149,8 +149,7 @@ def random_init_parts(segment_summary: dict, features_summary: dict, metrics: di
     parts = []
     if features_summary.get("random_init") or metrics.get("random_init") or is_random_init(features_summary.get("weights_source", "")):
         parts.append(f"the image encoder ({features_summary.get('encoder', {}).get('model', '?')})")
-    segment_weights = segment_summary.get("spec", {}).get("model", {}).get("weights_sha256")
-    if segment_summary.get("random_init") or (segment_weights is not None and is_random_init(segment_weights)):
+    if segment_summary.get("random_init"):
         parts.append(f"the segmenter ({segment_summary.get('spec', {}).get('backend', '?')})")
     return parts
 
