@@ -1,11 +1,12 @@
-"""LiteMedSAM path speed on CPU, before and after encoding each image once in ONNX Runtime, in one run.
+"""LiteMedSAM path speed on CPU, before and after encoding each image once and running LiteMedSAM in ONNX Runtime.
 
 Per image, on the same images and threads:
 
 * encoder: LiteMedSAM's image encoder alone, eager PyTorch vs ONNX Runtime, and their largest output difference;
-* before: what segment + features (``model: litemedsam``, mode ``none``) cost until this change: the segmenter
-  (PyTorch encoder + box decoding of the ROI policy) and a second PyTorch encoder pass in the features stage;
-* after: the segmenter with ONNX Runtime, whose stored embedding the features stage copies (no second pass);
+* before: what segment + features (``model: litemedsam``, mode ``none``) cost in eager PyTorch with two encodes: the
+  segmenter (PyTorch encoder + PyTorch box decoding of the ROI policy) and a second encoder pass in the features stage;
+* after: the segmenter with ONNX Runtime (encoder and box decoder), whose stored embedding the features stage copies
+  (no second pass);
 * masks: the ROI of the after path against the before path (Dice; the policy's decodes are the same code).
 
     OMP_NUM_THREADS=1 python benchmarks/litemedsam_speed.py --root data/demo --limit 20 --threads 1 \

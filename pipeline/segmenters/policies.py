@@ -40,8 +40,8 @@ DUPLICATE_IOU = 0.9
 
 
 class BoxDecoder(Protocol):
-    def decode_boxes(self, boxes: np.ndarray, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 4) xyxy fractions -> logits (N, K, WORK_SIZE, WORK_SIZE), predicted IoU (N, K)."""
+    def decode_boxes(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 4) xyxy fractions -> logits (N, 4, WORK_SIZE, WORK_SIZE), predicted IoU (N, 4): all four mask tokens."""
         ...
 
 
