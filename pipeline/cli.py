@@ -49,7 +49,7 @@ StoreRootOption = typer.Option(None, "--store-root", help="Where the mask and fe
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 ModelOption = typer.Option(None, "--model", help="Image encoder (features.model): auto, an open_clip model (ViT-B-32, ViT-B-16, ...), hf-hub:org/name or litemedsam; it names the feature stores.")
 PretrainedOption = typer.Option(None, "--pretrained", help="Encoder weights (features.pretrained): auto, none, an open_clip tag, an hf-hub: name or a local file.")
-MethodOption = typer.Option(None, "--method", help="medfocus, medfocus_dual, clip_fewshot, linear_probe, tip_adapter, tip_adapter_f, zero_shot.")
+MethodOption = typer.Option(None, "--method", help="medfocus, medfocus_dual, medfocus_select, clip_fewshot, linear_probe, tip_adapter, tip_adapter_f, zero_shot.")
 TrainModeOption = typer.Option(None, "--mode", help=f"ROI steering mode (feature store) of the head (train.mode): {STEERING_MODES}.")
 
 

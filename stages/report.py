@@ -41,7 +41,7 @@ ROI_GALLERY = "roi_gallery.png"
 NEAR_DUPLICATE_GALLERY = "near_duplicates.png"
 PAPER_FRACTION = 0.05
 # Our methods that correspond to the paper's two lines (MedFocusCLIP; CLIP after few-shot training), shown beside them.
-PAPER_COUNTERPARTS = ("medfocus", "medfocus_dual", "clip_fewshot")
+PAPER_COUNTERPARTS = ("medfocus", "medfocus_dual", "medfocus_select", "clip_fewshot")
 
 
 def report_summary_path(paths: DatasetPaths) -> Path:

@@ -39,6 +39,7 @@ from medfocus.trainer import (
     validation_split,
     write_runs_csv,
 )
+from medfocus.trainer.heads import FusionHead
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = TrainConfig(epochs=40)
@@ -235,7 +236,7 @@ def test_dual_view_keeps_the_whole_image_when_the_roi_view_missed(seed):
 
 def test_dual_view_needs_the_roi_view(task):
     train, test, text = task
-    assert ROI_VIEW_METHODS == ("medfocus_dual",)
+    assert ROI_VIEW_METHODS == ("medfocus_dual", "medfocus_select")
     without_view = FeatureSet(train.global_emb, train.patch_tokens, train.roi_weights, train.labels, train.hashes)
     with pytest.raises(MethodUnavailableError, match="roi_global.*'dual'"):
         fit("medfocus_dual", without_view, text, FAST, seed=0)
@@ -269,6 +270,57 @@ def test_dual_view_without_folds_uses_the_default_gate_and_round_trips(task, tmp
     model = fit("medfocus_dual", train, text, FAST, seed=0)
     loaded = FittedModel.load(model.save(tmp_path / "dual.pt", extra_meta={"mode": "dual"}), expect={"mode": "dual"})
     assert loaded.method == "medfocus_dual"
+    assert torch.equal(loaded.predict_proba(test), model.predict_proba(test))
+
+
+# --- medfocus_select: the ROI setting chosen on validation ----------------------------------------------------------
+
+
+def _misplaced_roi(features: FeatureSet, seed: int) -> FeatureSet:
+    """The same images with every ROI moved onto other patches (a segmenter that missed): signal patches unmarked."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.stack([row[torch.randperm(len(row), generator=generator)] for row in features.roi_weights])
+    missed = torch.where(features.roi_weights > 0, torch.zeros_like(shuffled), shuffled.clamp(min=0.5))
+    return FeatureSet(features.global_emb, features.patch_tokens, missed, features.labels, features.hashes,
+                      torch.randn(features.roi_global.shape, generator=generator))
+
+
+def test_select_takes_the_roi_when_the_class_is_in_the_roi():
+    # 2 of 64 patches carry a weak class signal, the ROI view a strong one: the whole image alone is near chance.
+    pool, text = synthetic_task(150, num_classes=3, embed_dim=32, num_patches=64, roi_patches=2, signal=0.35, seed=0,
+                                roi_view_signal=0.6)
+    train, test = pool.subset(range(60)), pool.subset(range(60, 150))
+    chosen = fit("medfocus_select", train, text, FAST, seed=0)
+    assert chosen.fit_info["hyperparameters"]["candidate"] in ("fusion_roi", "dual_view")
+    assert chosen.fit_info["hyperparameter_source"] == "validation part of the training subset"
+    assert set(chosen.fit_info["validation_scores"]) == {"fusion_whole", "fusion_roi", "dual_view"}
+    whole_image = accuracy(fit("medfocus", FeatureSet(train.global_emb, train.patch_tokens, torch.zeros_like(train.roi_weights),
+                                                      train.labels, train.hashes), text, FAST, seed=0), test)
+    assert accuracy(chosen, test) > whole_image + 0.2, (accuracy(chosen, test), whole_image)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_select_keeps_the_whole_image_when_the_roi_missed(seed):
+    pool, text = synthetic_task(240, num_classes=3, embed_dim=32, num_patches=16, roi_patches=3, signal=0.6, seed=seed,
+                                roi_view_signal=0.0)
+    pool = _misplaced_roi(pool, seed)
+    train, test = pool.subset(range(120)), pool.subset(range(120, 240))
+    chosen = fit("medfocus_select", train, text, FAST, seed=seed)
+    assert chosen.fit_info["hyperparameters"]["candidate"] == "fusion_whole", chosen.fit_info["validation_scores"]
+    assert isinstance(chosen.head, FusionHead) and float(chosen.head.roi_bias.abs().max()) == 0.0
+    roi_biased = accuracy(fit("medfocus", train, text, FAST, seed=seed), test)
+    assert accuracy(chosen, test) > roi_biased + 0.1, (accuracy(chosen, test), roi_biased)
+
+
+def test_select_without_a_validation_split_uses_its_default_and_round_trips(task, tmp_path):
+    train, test, text = task
+    two_per_class = train.subset(torch.cat([(train.labels == c).nonzero().flatten()[:2] for c in range(3)]))
+    small = fit("medfocus_select", two_per_class, text, TrainConfig(epochs=5, select_default="fusion_roi"), seed=0)
+    assert small.fit_info["hyperparameters"]["candidate"] == "fusion_roi"
+    assert small.fit_info["hyperparameter_source"].startswith("fixed defaults (subset too small for a validation split")
+    model = fit("medfocus_select", train, text, FAST, seed=0)
+    loaded = FittedModel.load(model.save(tmp_path / "select.pt", extra_meta={"mode": "dual"}), expect={"mode": "dual"})
+    assert (loaded.method, loaded.head_kind) == ("medfocus_select", model.head_kind)
     assert torch.equal(loaded.predict_proba(test), model.predict_proba(test))
 
 

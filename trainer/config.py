@@ -21,9 +21,13 @@ def _positive_sorted(values: list[float], name: str) -> list[float]:
 
 
 # The trainer's methods by name (settings validation reads these without importing torch).
-METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus", "medfocus_dual")
+METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus", "medfocus_dual",
+           "medfocus_select")
 TEXT_FREE_METHODS = tuple(method for method in METHODS if method != "zero_shot")
-ROI_VIEW_METHODS = ("medfocus_dual",)  # need FeatureSet.roi_global (feature stores of mode "dual")
+ROI_VIEW_METHODS = ("medfocus_dual", "medfocus_select")  # need FeatureSet.roi_global (feature stores of mode "dual")
+PATCH_METHODS = ("medfocus", "medfocus_select")  # need the patch tokens
+# medfocus_select's candidates, in order of preference on an exact tie (the whole image first: it never needs an ROI).
+SELECT_CANDIDATES = ("fusion_whole", "fusion_roi", "dual_view")
 
 
 class TrainConfig(BaseModel):
@@ -68,6 +72,13 @@ class TrainConfig(BaseModel):
     dual_gate_default: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="medfocus_dual: weight of the ROI branch when some class has < 2 training images (no folds to fit the gate on); 0 = whole image only.",
+    )
+
+    # medfocus_select: which ROI setting, chosen on the validation part (val_fraction below).
+    select_default: Literal["fusion_whole", "fusion_roi", "dual_view"] = Field(
+        default="dual_view",
+        description="medfocus_select: the candidate used when the subset is too small for a validation split (dual_view "
+        "falls back to the whole image by itself when its out-of-fold gate finds no use for the ROI).",
     )
 
     # Hyperparameter choice of the baselines: on a validation part of the training subset, never on the test set.

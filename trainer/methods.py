@@ -18,6 +18,10 @@ Methods (all on the same cached features and splits):
                       a whole-image and an ROI-view branch (each trained like clip_fewshot) blended per image by a
                       gate fitted on out-of-fold predictions of the training subset, so an ROI view that does not help
                       gets a gate near 0 (whole image only) and one that helps gets weight. Needs ``roi_global``.
+* ``medfocus_select`` — medfocus with its ROI setting chosen on a validation part of the training subset, never on test:
+                      the fusion head on the whole image (ROI bias fixed at 0, what mode ``none`` gives), the fusion head
+                      with the ROI bias, or the dual-view head; the best on validation is refitted on the whole subset.
+                      Needs features of mode ``dual`` (they hold the whole image's tokens and the ROI).
 
 Without class text (an encoder with no text tower), ``zero_shot`` is refused and every other method starts its class
 embeddings from the training-class prototypes (normalised mean global embedding per class).
@@ -39,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import METHODS, ROI_VIEW_METHODS, TEXT_FREE_METHODS, TrainConfig
+from .config import METHODS, PATCH_METHODS, ROI_VIEW_METHODS, SELECT_CANDIDATES, TEXT_FREE_METHODS, TrainConfig
 from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible, stratified_folds, validation_split
-from .heads import CosineClassifierHead, DualViewHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
+from .heads import HEADS, CosineClassifierHead, DualViewHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
 from .losses import medfocus_loss
 
 FILE_FORMAT = "medfocus-trainer-head/1"
@@ -68,7 +72,7 @@ class FittedModel:
 
     @property
     def head_kind(self) -> str:
-        return _HEAD_KIND[self.method]
+        return next(kind for kind, head_class in HEADS.items() if type(self.head) is head_class)
 
     @property
     def embed_dim(self) -> int:
@@ -163,17 +167,6 @@ class FittedModel:
         return cls(payload["method"], head, config, payload["class_names"], payload["fit_info"], meta)
 
 
-_HEAD_KIND = {
-    "zero_shot": "cosine",
-    "linear_probe": "linear",
-    "tip_adapter": "tip_adapter",
-    "tip_adapter_f": "tip_adapter",
-    "clip_fewshot": "cosine",
-    "medfocus": "fusion",
-    "medfocus_dual": "dual",
-}
-
-
 def _json_like(value: Any) -> Any:
     def encode(item: Any) -> Any:
         if isinstance(item, Path):
@@ -202,7 +195,7 @@ def fit(method: str, train: FeatureSet, text: ClassText, config: TrainConfig, se
         )
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    inputs = HeadInputs.from_features(train, with_patches=method == "medfocus", with_roi_view=method in ROI_VIEW_METHODS)
+    inputs = HeadInputs.from_features(train, with_patches=method in PATCH_METHODS, with_roi_view=method in ROI_VIEW_METHODS)
     labels = train.labels
     class_init, init_source = _class_init(text, inputs.image, labels)
     fitter = _FITTERS[method]
@@ -562,6 +555,42 @@ def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, ge
     return head, {"hyperparameters": hyperparameters, "hyperparameter_source": source, **info}
 
 
+# --- medfocus_select -----------------------------------------------------------------------------------------------
+
+
+def _fit_select_candidate(name: str, inputs: HeadInputs, labels: Tensor, text: ClassText, config: TrainConfig,
+                          seed: int) -> tuple[nn.Module, dict]:
+    """One candidate of medfocus_select on ``inputs``, with its own generator (the same seed whatever ran before)."""
+    generator = torch.Generator().manual_seed(seed)
+    class_init = _class_init(text, inputs.image, labels)[0]
+    if name == "fusion_whole":  # ROI bias fixed at 0: the ROI weights change nothing, as in mode none
+        whole_only = config.model_copy(update={"roi_bias_strength": 0.0, "learn_roi_bias": False})
+        return _fit_medfocus(inputs, labels, class_init, whole_only, seed, generator)
+    if name == "fusion_roi":
+        return _fit_medfocus(inputs, labels, class_init, config, seed, generator)
+    return _fit_medfocus_dual(inputs, labels, class_init, config, seed, generator, text=text)
+
+
+def _fit_medfocus_select(inputs, labels, class_init, config: TrainConfig, seed, generator, text: ClassText):
+    split = validation_split(labels, config.val_fraction, config.val_min_per_class, seed)
+    scores: dict[str, dict] = {}
+    if isinstance(split, str):
+        chosen = config.select_default
+    else:
+        fit_idx, val_idx = split
+        best = None
+        for name in SELECT_CANDIDATES:
+            head, _ = _fit_select_candidate(name, inputs.take(fit_idx), labels[fit_idx], text, config, seed)
+            with torch.no_grad():
+                score = _selection_score(head(inputs.take(val_idx)), labels[val_idx])
+            scores[name] = {"val_accuracy": score[0], "val_nll": score[1]}
+            if _better(score, best):
+                best, chosen = score, name
+    head, info = _fit_select_candidate(chosen, inputs, labels, text, config, seed)
+    return head, {"hyperparameters": {"candidate": chosen, **info["hyperparameters"]}, **_split_info(split),
+                  "validation_scores": scores, "candidate_fit": {k: v for k, v in info.items() if k != "hyperparameters"}}
+
+
 _FITTERS = {
     "zero_shot": _fit_zero_shot,
     "linear_probe": _fit_linear_probe,
@@ -570,4 +599,5 @@ _FITTERS = {
     "clip_fewshot": _fit_clip_fewshot,
     "medfocus": _fit_medfocus,
     "medfocus_dual": _fit_medfocus_dual,
+    "medfocus_select": _fit_medfocus_select,
 }
