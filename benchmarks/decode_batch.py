@@ -29,7 +29,7 @@ import torch
 from medfocus.pipeline.demo import DEMO_CLASSES, render_demo_sample
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.segmenters import create_segmenter, get_policy
-from medfocus.pipeline.segmenters.policies import grayscale_work_image
+from medfocus.pipeline.segmenters.selection import decode, grayscale_work_image, proposals
 
 
 def demo_images(count: int) -> list[np.ndarray]:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     work = []
     for image in images:
         gray = grayscale_work_image(image)
-        work.append((segmenter.embed(image), policy.proposals(gray)))
+        work.append((segmenter.embed(image), proposals(policy, gray)))
     prompts_per_image = [len(prompts) for _, prompts in work]
 
     seconds: dict[int, list[float]] = {batch: [] for batch in args.batches}
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             setting = dataclasses.replace(policy, decode_batch=batch)
             started = time.perf_counter()
-            decoded = [setting.decode(embedded, prompts) for embedded, prompts in work]
+            decoded = [decode(setting, embedded, prompts) for embedded, prompts in work]
             seconds[batch].append(time.perf_counter() - started)
             logits = [torch.stack([candidate.logits for candidate in candidates]) for candidates in decoded]
             if reference is None:

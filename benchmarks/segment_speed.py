@@ -35,7 +35,7 @@ import torch
 from medfocus.pipeline.images import load_image, looks_like_image
 from medfocus.pipeline.segmenters import create_segmenter, dice_iou, get_policy
 from medfocus.pipeline.segmenters.base import Candidate, assemble_result
-from medfocus.pipeline.segmenters.policies import grayscale_work_image
+from medfocus.pipeline.segmenters.selection import choose, grayscale_work_image
 
 DEFAULT_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 STORE_RESOLUTION = 256
@@ -78,7 +78,7 @@ def amg_result_from_record(record: dict, masks: np.ndarray, image: np.ndarray, p
         )
         for mask, info in zip(masks, record["candidates"])
     ]
-    ranked, roi_index = get_policy(policy_name).choose(candidates, grayscale_work_image(image))
+    ranked, roi_index = choose(get_policy(policy_name), candidates, grayscale_work_image(image))
     return assemble_result(ranked, roi_index, STORE_RESOLUTION)
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             # The steps of Sam2Segmenter.segment in auto mode, spelled out to keep every candidate's full mask.
             started, started_cpu = time.perf_counter(), time.process_time()
             candidates = generator.generator_candidates(image)
-            ranked, roi_index = policy.choose(candidates, grayscale_work_image(image))
+            ranked, roi_index = choose(policy, candidates, grayscale_work_image(image))
             result = assemble_result(ranked, roi_index, STORE_RESOLUTION)
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
             masks = np.stack([c.mask.numpy() for c in ranked]) if ranked else np.zeros((0, STORE_RESOLUTION, STORE_RESOLUTION), bool)

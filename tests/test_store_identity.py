@@ -11,7 +11,10 @@ Small synthetic data (three classes of three 48² images), CPU, one thread; open
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from medfocus.pipeline.medsam_lite import (
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT
 from medfocus.pipeline import specs
-from medfocus.pipeline.specs import FEATURES_CODE, SEGMENT_CODE, resolve_encoder, resolve_features, resolve_segment
+from medfocus.pipeline.specs import FEATURES_CODE, SEGMENT_CODE, resolve_encoder, resolve_segment
 from medfocus.pipeline.store import FeatureStore, MaskStore, StoreMissingError
 from medfocus.stages.common import load_prepared
 from medfocus.stages.stores import TextOutdatedError, current_feature_store, current_mask_store, resolve_features_for
@@ -373,3 +376,19 @@ def test_onnx_box_decoder_equals_pytorch(tmp_path, monkeypatch):
     assert float((logits - reference_logits).abs().max()) <= RUNTIME_TOLERANCE * float(reference_logits.abs().max())
     assert float((iou - reference_iou).abs().max()) <= RUNTIME_TOLERANCE
     assert float((reference_logits[0] - reference_logits[1]).abs().max()) > 1e-2  # the box changes the output
+
+
+def test_resolving_the_default_specs_imports_no_torch(tmp_path):
+    """The resolve stage runs on every `dvc repro`: describing LiteMedSAM's mask store and feature stores must not pay
+    the seconds of importing torch."""
+    code = (
+        "import sys\n"
+        "from medfocus.pipeline.config import load_params\n"
+        "from medfocus.pipeline.specs import resolve_encoder, resolve_segment\n"
+        "params = load_params(None, {})\n"
+        "segment, encoder = resolve_segment(params.segment, 'demo'), resolve_encoder(params.features)\n"
+        "print(segment.content['backend'], encoder.family, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.split() == ["litemedsam", "litemedsam", "False"], result.stderr

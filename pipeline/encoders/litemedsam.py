@@ -18,17 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..medsam_lite import (
-    BUNDLED_WEIGHTS_NAME,
-    EMBED_DIM,
-    FEATURE_GRID,
-    INPUT_SIZE,
-    PREPROCESS_DESCRIPTION,
-    EncoderRuntime,
-    load_litemedsam,
-    preprocess,
-    summarize_embedding,
-)
+from ..medsam_lite import EMBED_DIM, FEATURE_GRID, INPUT_SIZE, EncoderRuntime, load_litemedsam, preprocess, summarize_embedding
+from ..medsam_lite_identity import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION
 from .base import RANDOM_INIT, RANDOM_INIT_SEED, UnsupportedEncoderFeature
 
 

@@ -22,11 +22,13 @@ the image by nearest-neighbour resizing.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    import torch
 
 from medfocus.pipeline.patch_grid import roi_patch_weights  # noqa: F401  (part of steering's interface)
 
@@ -229,6 +231,8 @@ def attention_bias(weights: np.ndarray | torch.Tensor, strength: float) -> torch
     patches in between, linearly. ``strength = 0`` is plain CLIP. A row with no ROI at all gets zero bias (the
     empty-ROI rule of this module) instead of pushing every patch down against the CLS token.
     """
+    import torch  # here, not at the top: the resolve stage reads this module's parameter rules without torch
+
     weights = torch.as_tensor(weights, dtype=torch.float32)
     if weights.ndim not in (1, 2):
         raise ValueError(f"patch weights must be (L,) or (B, L), got shape {tuple(weights.shape)}")

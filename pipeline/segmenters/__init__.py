@@ -1,36 +1,39 @@
 """medfocus.pipeline.segmenters: SAM-family segmenters that return candidate masks and a chosen ROI.
 
 ``create_segmenter(backend, policy=..., ...)`` builds one (backends: ``litemedsam``, ``sam2``); its ``segment``
-returns a :class:`SegmentationResult`. ROI policies are documented in :mod:`.policies`; ROI quality against
-ground-truth masks is measured by :func:`evaluate_roi`.
+returns a :class:`SegmentationResult`. ROI policies are data in :mod:`.policies` and run by :mod:`.selection`; ROI
+quality against ground-truth masks is measured by :func:`evaluate_roi`.
+
+Names load on first use (PEP 562): describing a policy (the resolve stage, on every ``dvc repro``) must not import
+torch, which the segmenters themselves need.
 """
 
-from medfocus.pipeline.segmenters.base import SegmentationResult, Segmenter
-from medfocus.pipeline.segmenters.factory import create_segmenter, list_backends
-from medfocus.pipeline.segmenters.litemedsam import WeightsUnavailableError
-from medfocus.pipeline.segmenters.policies import (
-    DEFAULT_POLICY_BY_DATASET,
-    GENERIC_DEFAULT_POLICY,
-    POLICIES,
-    RoiPolicy,
-    default_policy_for,
-    get_policy,
-)
-from medfocus.pipeline.segmenters.roi_eval import dice_iou, evaluate_roi, split_tune_report
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_POLICY_BY_DATASET",
-    "GENERIC_DEFAULT_POLICY",
-    "POLICIES",
-    "RoiPolicy",
-    "SegmentationResult",
-    "Segmenter",
-    "WeightsUnavailableError",
-    "create_segmenter",
-    "default_policy_for",
-    "dice_iou",
-    "evaluate_roi",
-    "get_policy",
-    "list_backends",
-    "split_tune_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEFAULT_POLICY_BY_DATASET": "policies",
+    "GENERIC_DEFAULT_POLICY": "policies",
+    "POLICIES": "policies",
+    "RoiPolicy": "policies",
+    "default_policy_for": "policies",
+    "get_policy": "policies",
+    "SegmentationResult": "base",
+    "Segmenter": "base",
+    "create_segmenter": "factory",
+    "list_backends": "factory",
+    "WeightsUnavailableError": "litemedsam",  # defined in medfocus.pipeline.medsam_lite_identity
+    "dice_iou": "roi_eval",
+    "evaluate_roi": "roi_eval",
+    "split_tune_report": "roi_eval",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

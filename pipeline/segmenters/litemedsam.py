@@ -16,17 +16,18 @@ import torch
 
 from medfocus.pipeline.medsam_lite import (
     INPUT_SIZE,
-    PREPROCESS_DESCRIPTION,
     BoxDecoderRuntime,
     EncoderRuntime,
-    WeightsUnavailableError,
     load_litemedsam,
     preprocess,
     resized_shape,
     summarize_embedding,
 )
+from medfocus.pipeline.medsam_lite_identity import PREPROCESS_DESCRIPTION, WeightsUnavailableError
+from medfocus.pipeline.segmenters import selection
 from medfocus.pipeline.segmenters.base import WORK_SIZE, SegmentationResult, check_image, resize_logits
-from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy, grayscale_work_image
+from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy
+from medfocus.pipeline.segmenters.selection import grayscale_work_image
 
 __all__ = ["LiteMedSAMEmbedding", "LiteMedSAMSegmenter", "WeightsUnavailableError"]
 
@@ -102,7 +103,7 @@ class LiteMedSAMSegmenter:
 
     def segment(self, image: np.ndarray) -> SegmentationResult:
         embedded = self.embed(image)
-        result = self.policy.run(grayscale_work_image(image), embedded, self.store_resolution)
+        result = selection.run(self.policy, grayscale_work_image(image), embedded, self.store_resolution)
         result.embedding = summarize_embedding(embedded.embedding[0], image.shape[:2],
                                                result.roi if result.roi_index is not None else None, EMBEDDING_TOKEN_GRID)
         return result

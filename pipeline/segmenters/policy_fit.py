@@ -22,14 +22,9 @@ import torch.nn.functional as F
 
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.segmenters.base import Candidate
-from medfocus.pipeline.segmenters.policies import (
-    FEATURE_NAMES,
-    FEATURE_SIZE,
-    RoiPolicy,
-    grayscale_work_image,
-    mask_box,
-    mask_features,
-)
+from medfocus.pipeline.segmenters import selection
+from medfocus.pipeline.segmenters.policies import FEATURE_NAMES, RoiPolicy
+from medfocus.pipeline.segmenters.selection import FEATURE_SIZE, grayscale_work_image, mask_box, mask_features
 from medfocus.pipeline.segmenters.roi_eval import dice_iou, load_truth_mask, mask_path_for
 
 
@@ -87,7 +82,7 @@ def collect_pools(
         truth = load_truth_mask(mask_path_for(Path(image_path), images_root, masks_root, mask_suffix), WORK_SIZE)
         gray = grayscale_work_image(image)
         decoder = segmenter.embed(image)
-        first = policy.decode(decoder, policy.proposals(gray))
+        first = selection.decode(policy, decoder, selection.proposals(policy, gray))
         refined, refined_parents = [], []
         if refine:
             boxes: dict[tuple[float, ...], list[int]] = {}
@@ -97,7 +92,7 @@ def collect_pools(
                     boxes.setdefault(tuple(round(value, 4) for value in box), []).append(index)
             for box, parents in boxes.items():
                 prompt = {"refined": 1.0, "seed_rank": first[parents[0]].features.get("seed_rank", 0.0)}
-                for candidate in policy.decode(decoder, [("refine", list(box), prompt)]):
+                for candidate in selection.decode(policy, decoder, [("refine", list(box), prompt)]):
                     refined.append(candidate)
                     refined_parents.append(set(parents))
         pools.append(
@@ -170,7 +165,7 @@ def simulate_choice(pool: CandidatePool, policy: RoiPolicy) -> float:
     """Dice of the ROI ``policy`` would choose on this pool: the steps of ``RoiPolicy.select`` on stored masks
     (one refinement round at most, the one the pools were collected for)."""
     first = [c.float_copy() for c in pool.first]
-    ranked, roi_index = policy.choose(first, pool.gray)
+    ranked, roi_index = selection.choose(policy, first, pool.gray)
     dice_of = {id(c): d for c, d in zip(first, pool.first_dice)}
     if roi_index is None:
         return 0.0
@@ -181,7 +176,7 @@ def simulate_choice(pool: CandidatePool, policy: RoiPolicy) -> float:
     refined = [(c.float_copy(), d) for c, d, p in zip(pool.refined, pool.refined_dice, pool.refined_parents) if p & parents]
     for candidate, dice in refined:
         dice_of[id(candidate)] = dice
-    final, final_index = policy.choose(ranked + [c for c, _ in refined], pool.gray)
+    final, final_index = selection.choose(policy, ranked + [c for c, _ in refined], pool.gray)
     return float(dice_of[id(final[final_index])]) if final_index is not None else 0.0
 
 

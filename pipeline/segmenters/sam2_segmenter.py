@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medfocus.pipeline.images import file_sha256
-from medfocus.pipeline.medsam_lite import WeightsUnavailableError
+from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
 from medfocus.pipeline.provenance import RANDOM_INIT_SEED, seeded_construction
 from medfocus.pipeline.segmenters.base import (
     WORK_SIZE,
@@ -34,7 +34,9 @@ from medfocus.pipeline.segmenters.base import (
     check_image,
     resize_logits,
 )
-from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy, grayscale_work_image
+from medfocus.pipeline.segmenters import selection
+from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy
+from medfocus.pipeline.segmenters.selection import grayscale_work_image
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +248,6 @@ class Sam2Segmenter:
     def segment(self, image: np.ndarray) -> SegmentationResult:
         gray = grayscale_work_image(check_image(image))
         if self.mode == "auto":
-            ranked, roi_index = self.policy.choose(self.generator_candidates(image), gray)
+            ranked, roi_index = selection.choose(self.policy, self.generator_candidates(image), gray)
             return assemble_result(ranked, roi_index, self.store_resolution)
-        return self.policy.run(gray, self.embed(image), self.store_resolution)
+        return selection.run(self.policy, gray, self.embed(image), self.store_resolution)
