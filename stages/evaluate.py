@@ -123,6 +123,8 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
                     runs.append({"method": method, "mode": mode, "fraction": fraction, "shots": shots, "seed": seed,
                                  "weights_source": cached.weights_source, "n_train": len(train_set),
                                  "fit_seconds": round(model.fit_info["fit_seconds"], 4),
+                                 # what the fit chose inside the training subset (C, α/β, a gate, medfocus_select's candidate)
+                                 "hyperparameters": model.fit_info.get("hyperparameters", {}),
                                  **compute_metrics(test.labels, proba, prepared.class_names),
                                  "accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct})
     for key, reason in unavailable.items():

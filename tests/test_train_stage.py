@@ -127,6 +127,8 @@ def test_evaluate_writes_metrics_runs_and_plots_marked_random_init(encoded):
     assert len(runs) == 6 and {run["weights_source"] for run in runs} == {"random-init"}
     assert all(0.0 <= float(run["accuracy"]) <= 1.0 for run in runs)
     assert "correct" not in runs[0] and json.loads(runs[0]["accuracy_ci95"])[0] <= float(runs[0]["accuracy"])
+    probes = [run for run in runs if run["method"] == "linear_probe"]
+    assert probes and all("C" in json.loads(run["hyperparameters"]) for run in probes)  # what validation chose, per run
     for plot in ("accuracy_vs_fraction.png", "confusion_matrix.png"):
         with Image.open(evaluation / plot) as picture:
             assert picture.format == "PNG" and min(picture.size) > 100
