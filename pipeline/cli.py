@@ -297,11 +297,14 @@ def evaluate(
     model: Optional[str] = ModelOption,
     pretrained: Optional[str] = PretrainedOption,
     store_root: Optional[str] = StoreRootOption,
+    scheduler: Optional[str] = SchedulerOption,
+    workers: Optional[int] = WorkersOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Run the protocol (methods × modes × fractions × seeds) and write metrics.json, runs.csv and plots."""
+    """Run the protocol (methods × modes × fractions × seeds) and write metrics.json, runs.csv and plots; the fits run
+    as dask tasks, one per training subset and mode."""
     from medfocus.stages.evaluate import evaluate as run_evaluate
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
@@ -311,8 +314,8 @@ def evaluate(
                      "lowest_fraction": headline, "metrics": str(paths.metrics)})
 
     overrides = {"evaluate.methods": method or None, "evaluate.modes": mode or None, "evaluate.fractions": fraction or None,
-                 "evaluate.shots": shots or None, "evaluate.seeds": seed or None, **_encoder(model, pretrained),
-                 **_store_root(store_root)}
+                 "evaluate.shots": shots or None, "evaluate.seeds": seed or None, "evaluate.scheduler": scheduler,
+                 "evaluate.workers": workers, **_encoder(model, pretrained), **_store_root(store_root)}
     _on_dataset(dataset, root, params_file, cache_dir, overrides, work)
 
 

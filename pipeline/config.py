@@ -233,6 +233,18 @@ class EvaluateParams(Section):
     fractions: list[float] = Field(default=[0.05, 0.1, 0.2, 0.5, 1.0])
     shots: list[int] = Field(default_factory=list, description="Also run k-shot subsets (e.g. [1, 2, 4, 8, 16]).")
     seeds: list[int] = Field(default=[0, 1, 2, 3, 4])
+    scheduler: Scheduler = Field(
+        default="processes",
+        description="dask scheduler of the fits (one task per training subset and mode, each fitting every method): "
+                    "synchronous, threads, processes, local-cluster[:N] or tcp://host:port.",
+    )
+    workers: int = Field(default=2, ge=1, description="Workers for the threads/processes/local-cluster schedulers; each "
+                                                      "worker's torch gets cores / workers threads.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_known(cls, value: str) -> str:
+        return _check_scheduler(value)
 
     @field_validator("methods")
     @classmethod

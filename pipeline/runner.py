@@ -1,4 +1,5 @@
-"""Run a per-image stage once: only images not yet complete in the store, in chunks, on a dask scheduler.
+"""Run a per-image stage once: only images not yet complete in the store, in chunks, on a dask scheduler; and any
+list of independent tasks (evaluate's fits) on the same schedulers.
 
 Workers write their results straight into the store (one atomic image at a time) and return only small outcome
 records, so nothing large travels back through the scheduler. Schedulers:
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -79,13 +80,21 @@ def parse_scheduler(value: str, workers: int = 2) -> SchedulerChoice:
 
 
 ChunkFunction = Callable[[list[WorkItem], dict], list[Outcome]]
+TaskFunction = Callable[[Any, dict], list]  # (task, context) -> results; the bar advances by len(results)
 
 
 def chunked(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _run_local(function: ChunkFunction, chunks: list[list[WorkItem]], context: dict, choice: SchedulerChoice, bar: tqdm) -> list[Outcome]:
+def run_tasks(function: TaskFunction, tasks: list, context: dict, choice: SchedulerChoice, bar: tqdm) -> list:
+    """``function(task, context)`` for every task on the chosen scheduler; the results of all tasks in one list (in
+    completion order on a dask.distributed cluster, in task order otherwise)."""
+    runner = _run_distributed if choice.kind in ("local-cluster", "address") else _run_local
+    return runner(function, tasks, context, choice, bar)
+
+
+def _run_local(function: TaskFunction, chunks: list, context: dict, choice: SchedulerChoice, bar: tqdm) -> list:
     import dask
     from dask.callbacks import Callback
 
@@ -103,7 +112,7 @@ def _run_local(function: ChunkFunction, chunks: list[list[WorkItem]], context: d
     return [outcome for chunk in results for outcome in chunk]
 
 
-def _run_distributed(function: ChunkFunction, chunks: list[list[WorkItem]], context: dict, choice: SchedulerChoice, bar: tqdm) -> list[Outcome]:
+def _run_distributed(function: TaskFunction, chunks: list, context: dict, choice: SchedulerChoice, bar: tqdm) -> list:
     from distributed import Client, LocalCluster, as_completed
 
     if choice.kind == "local-cluster":
@@ -113,7 +122,7 @@ def _run_distributed(function: ChunkFunction, chunks: list[list[WorkItem]], cont
         cluster, client = None, Client(choice.address)
     try:
         futures = client.map(function, chunks, context=context, pure=False)
-        outcomes: list[Outcome] = []
+        outcomes: list = []
         for future in as_completed(futures):
             result = future.result()
             bar.update(len(result))
@@ -147,8 +156,7 @@ def run_incremental(
     if todo:
         chunks = chunked(todo, chunk_size)
         with tqdm(total=len(todo), desc=description, unit="img", disable=not progress, smoothing=0.1) as bar:
-            runner = _run_distributed if choice.kind in ("local-cluster", "address") else _run_local
-            outcomes = runner(function, chunks, context, choice, bar)
+            outcomes = run_tasks(function, chunks, context, choice, bar)
         summary.processed = sum(outcome.ok for outcome in outcomes)
         summary.failed = [{"hash": o.hash, "path": o.path, "reason": o.reason} for o in outcomes if not o.ok]
     summary.seconds = time.perf_counter() - started

@@ -12,22 +12,30 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
+import threading
 import time
+import uuid
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+import torch
 
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.manifest import write_atomic, write_json
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
-from medfocus.trainer import MethodUnavailableError, aggregate, bootstrap_accuracy_ci, compute_metrics, fit, write_runs_csv
+from medfocus.pipeline.runner import parse_scheduler, run_tasks
+from medfocus.pipeline.store import FeatureStore
+from medfocus.trainer import FeatureSet, MethodUnavailableError, aggregate, bootstrap_accuracy_ci, compute_metrics, fit, write_runs_csv
 from medfocus.trainer.plots import plot_accuracy_vs_fraction, plot_confusion_matrix
 
-from .common import load_prepared
-from .train import current_feature_store, load_cached_features, subset_hashes
+from .common import load_prepared, set_torch_threads
+from .train import CachedFeatures, current_feature_store, feature_identity, load_cached_features, subset_hashes
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +67,74 @@ def _subset_label(fraction: float | None, shots: int | None) -> str:
     return f"{shots}-shot" if shots is not None else f"{100 * fraction:g}%"
 
 
+@dataclass(frozen=True)
+class SubsetFits:
+    """One dask task: every method of the protocol fitted on one training subset in one mode, scored on the test set."""
+
+    order: int  # position in the sequential protocol: runs are written in this order whatever the scheduler
+    mode: str
+    fraction: float | None
+    shots: int | None
+    seed: int
+    hashes: tuple[str, ...]
+
+
+# A worker's features, loaded once per evaluation and mode (a process of the processes / cluster schedulers keeps them
+# for all its tasks; the threads and synchronous schedulers share the caller's).
+_LOADED: dict[tuple[str, str], tuple[CachedFeatures, FeatureSet]] = {}
+_LOADING = threading.Lock()
+
+
+def _features_of(context: dict, mode: str) -> tuple[CachedFeatures, FeatureSet]:
+    """The mode's cached features (the images common to all modes) and its test set."""
+    key = (context["evaluation"], mode)
+    with _LOADING:
+        if key not in _LOADED:
+            for stale in [k for k in _LOADED if k[0] != context["evaluation"]]:
+                del _LOADED[stale]
+            url, store_key = context["stores"][mode]
+            store = FeatureStore.lookup(url, store_key, context["prepared"].name, mode)
+            cached = load_cached_features(context["prepared"], store, only=set(context["common"]))
+            _LOADED[key] = cached, cached.features.subset(cached.rows(context["test"]))
+        return _LOADED[key]
+
+
+def _fit_subset(task: SubsetFits, context: dict) -> list[dict]:
+    """The runs of every method on ``task``'s subset; a method that cannot run on these features gives a skip record."""
+    set_torch_threads(context["threads_split"])
+    cached, test = _features_of(context, task.mode)
+    train_set = cached.features.subset(cached.rows(list(task.hashes)))
+    results = []
+    for number, method in enumerate(context["methods"]):
+        order = (task.order, number)
+        try:
+            model = fit(method, train_set, cached.text, context["config"], task.seed)
+        except MethodUnavailableError as error:
+            results.append({"order": order, "skipped": f"{method}/{task.mode}", "reason": str(error)})
+            continue
+        proba = model.predict_proba(test)
+        correct = (proba.argmax(dim=1) == test.labels).int().tolist()
+        results.append({"order": order, "method": method, "mode": task.mode, "fraction": task.fraction, "shots": task.shots,
+                        "seed": task.seed, "weights_source": cached.weights_source, "n_train": len(train_set),
+                        "fit_seconds": round(model.fit_info["fit_seconds"], 4),
+                        # what the fit chose inside the training subset (C, α/β, a gate, medfocus_select's candidate)
+                        "hyperparameters": model.fit_info.get("hyperparameters", {}),
+                        **compute_metrics(test.labels, proba, context["prepared"].class_names),
+                        "accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct})
+    return results
+
+
 def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True) -> tuple[list[dict], dict]:
     """All runs of the protocol; per mode the identity of the features it used; the images left out.
 
-    Runs carry ``correct`` (0/1 per test image, in one order for every run) for the bootstrap intervals.
+    The fits run on ``evaluate.scheduler`` (one task per training subset and mode); each fit is seeded by its run's
+    seed, so the same thread count per worker gives the same runs on any scheduler. Runs carry ``correct`` (0/1 per
+    test image, in one order for every run) for the bootstrap intervals.
     """
     from tqdm import tqdm
 
     settings = params.evaluate
     prepared = load_prepared(spec, params, paths, progress=False)
-    config = params.train.trainer_config()
     stores = {mode: current_feature_store(spec, params, paths, mode) for mode in settings.modes}
     all_hashes = [entry.hash for entry in prepared.entries]
     common = set(all_hashes)
@@ -100,35 +166,27 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
                 alignment["subset_images_left_out"][f"{_subset_label(fraction, shots)} seed {seed}"] = len(hashes) - len(kept)
             subsets[(fraction, shots, seed)] = kept
 
-    runs: list[dict] = []
-    sources: dict[str, dict] = {}
-    unavailable: dict[str, str] = {}
-    total = len(settings.modes) * len(subsets) * len(settings.methods)
-    with tqdm(total=total, desc=f"evaluate {spec.name}", unit="fit", disable=not progress) as bar:
-        for mode, store in stores.items():
-            cached = load_cached_features(prepared, store, only=common)
-            sources[mode] = cached.identity()
-            test = cached.features.subset(cached.rows(test_kept))
-            for (fraction, shots, seed), hashes in subsets.items():
-                train_set = cached.features.subset(cached.rows(hashes))
-                for method in settings.methods:
-                    bar.update(1)
-                    try:
-                        model = fit(method, train_set, cached.text, config, seed)
-                    except MethodUnavailableError as error:
-                        unavailable[f"{method}/{mode}"] = str(error)
-                        continue
-                    proba = model.predict_proba(test)
-                    correct = (proba.argmax(dim=1) == test.labels).int().tolist()
-                    runs.append({"method": method, "mode": mode, "fraction": fraction, "shots": shots, "seed": seed,
-                                 "weights_source": cached.weights_source, "n_train": len(train_set),
-                                 "fit_seconds": round(model.fit_info["fit_seconds"], 4),
-                                 # what the fit chose inside the training subset (C, α/β, a gate, medfocus_select's candidate)
-                                 "hyperparameters": model.fit_info.get("hyperparameters", {}),
-                                 **compute_metrics(test.labels, proba, prepared.class_names),
-                                 "accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct})
+    tasks = [SubsetFits(order, mode, fraction, shots, seed, tuple(hashes))
+             for order, (mode, ((fraction, shots, seed), hashes)) in enumerate(itertools.product(settings.modes, subsets.items()))]
+    choice = parse_scheduler(settings.scheduler, settings.workers)
+    context = {
+        "evaluation": uuid.uuid4().hex, "prepared": prepared, "common": sorted(common), "test": test_kept,
+        "stores": {mode: (store.url, store.key) for mode, store in stores.items()},
+        "methods": list(settings.methods), "config": params.train.trainer_config(),
+        "threads_split": 1 if choice.kind == "synchronous" else settings.workers,
+    }
+    threads = torch.get_num_threads()  # the threads and synchronous schedulers set this process's torch threads
+    try:
+        with tqdm(total=len(tasks) * len(settings.methods), desc=f"evaluate {spec.name}", unit="fit", disable=not progress) as bar:
+            results = sorted(run_tasks(_fit_subset, tasks, context, choice, bar), key=lambda result: result["order"])
+    finally:
+        _LOADED.clear()
+        torch.set_num_threads(threads)
+    runs = [{key: value for key, value in result.items() if key != "order"} for result in results if "skipped" not in result]
+    unavailable = {result["skipped"]: result["reason"] for result in results if "skipped" in result}
     for key, reason in unavailable.items():
         log.warning("skipped %s: %s", key, reason)
+    sources = {mode: feature_identity(store.attrs) for mode, store in stores.items()}
     return runs, {"features": sources, "skipped": unavailable, "images": alignment}
 
 

@@ -52,8 +52,15 @@ class CachedFeatures:
         return [index[h] for h in hashes]
 
     def identity(self) -> dict:
-        return {"feature_store_key": self.store_key, "mode": self.mode, "weights_source": self.weights_source,
-                "encoder_model": self.encoder.get("model")}
+        return feature_identity({"key": self.store_key, "spec": {"mode": self.mode, "encoder": self.encoder},
+                                 "provenance": {"weights_source": self.weights_source}})
+
+
+def feature_identity(store_attrs: dict) -> dict:
+    """What a trained head must match, from a feature store's attributes: its key, mode, weights and encoder."""
+    return {"feature_store_key": store_attrs["key"], "mode": store_attrs["spec"]["mode"],
+            "weights_source": store_attrs["provenance"]["weights_source"],
+            "encoder_model": store_attrs["spec"]["encoder"].get("model")}
 
 
 def _class_text(store: ImageStore, class_names: list[str]) -> ClassText:

@@ -79,7 +79,7 @@ def test_options_reach_their_params(captured, tmp_path):
               "--model", "litemedsam", "--params", str(params)]
     _invoke("train", *common, "--shots", "2", "--seed", "1", "--mode", "none")
     _invoke("evaluate", *common, "--shots", "1", "--shots", "2", "--seed", "0", "--mode", "none", "--mode", "crop",
-            "--fraction", "0.5", "--method", "linear_probe", "-q")
+            "--fraction", "0.5", "--method", "linear_probe", "--scheduler", "local-cluster:3", "--workers", "3", "-q")
     _invoke("predict", str(tmp_path / "image.png"), *common, "--head", str(tmp_path / "head.pt"), "--mode", "crop")
 
     train, _ = captured["train"]
@@ -87,6 +87,7 @@ def test_options_reach_their_params(captured, tmp_path):
     evaluate, _ = captured["evaluate"]
     assert (evaluate.evaluate.shots, evaluate.evaluate.seeds, evaluate.evaluate.modes, evaluate.evaluate.fractions,
             evaluate.evaluate.methods) == ([1, 2], [0], ["none", "crop"], [0.5], ["linear_probe"])
+    assert (evaluate.evaluate.scheduler, evaluate.evaluate.workers) == ("local-cluster:3", 3)
     predict, (images, head) = captured["predict"]
     assert predict.train.mode == "crop" and head == tmp_path / "head.pt"
     for params, _ in captured.values():

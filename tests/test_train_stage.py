@@ -36,7 +36,7 @@ SETTINGS = {
     "features": {"model": "ViT-B-32", "scheduler": "synchronous", "pretrained": "none", "modes": ["none", "attention"]},
     "train": {"method": "medfocus", "mode": "attention", "fraction": 1.0, "epochs": 10},
     "evaluate": {"methods": ["zero_shot", "linear_probe", "medfocus", "medfocus_dual"], "modes": ["none", "attention"],
-                 "fractions": [1.0], "seeds": [0]},
+                 "fractions": [1.0], "seeds": [0], "scheduler": "synchronous"},
 }
 
 
@@ -152,6 +152,26 @@ def test_evaluate_compares_modes_on_the_same_test_images(encoded, monkeypatch):
     assert identity["images"]["test_images_left_out"] == 1 and identity["images"]["test_images"] == len(test_hashes) - 1
     assert {run["n_samples"] for run in runs} == {len(test_hashes) - 1}  # the none mode is scored without it too
     assert {run["mode"] for run in runs} == {"none", "attention"}
+
+
+def test_evaluate_gives_the_same_runs_on_every_scheduler(encoded):
+    """Each fit is seeded by its run, so dask's processes scheduler and a dask.distributed cluster (one torch thread per
+    worker) give the synchronous scheduler's runs, in the same order."""
+    spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the synchronous run with the thread count each worker gets
+    try:
+        runs = {}
+        for scheduler in ("synchronous", "processes", "local-cluster"):
+            params = load_params(encoded["params"], overrides={
+                "evaluate.scheduler": scheduler, "evaluate.workers": 2, "evaluate.seeds": [0, 1],
+                "evaluate.methods": ["linear_probe", "medfocus"]})
+            found, _ = run_protocol(spec, params, paths, progress=False)
+            runs[scheduler] = [(run["method"], run["mode"], run["seed"], run["correct"], run["hyperparameters"]) for run in found]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs["synchronous"]) == 2 * 2 * 2  # methods x modes x seeds
+    assert runs["processes"] == runs["synchronous"] and runs["local-cluster"] == runs["synchronous"]
 
 
 def test_a_dual_store_gives_the_roi_view_to_medfocus_dual(encoded, tmp_path):
