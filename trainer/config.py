@@ -25,7 +25,7 @@ METHODS = ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fe
            "medfocus_select")
 TEXT_FREE_METHODS = tuple(method for method in METHODS if method != "zero_shot")
 ROI_VIEW_METHODS = ("medfocus_dual", "medfocus_select")  # need FeatureSet.roi_global (feature stores of mode "dual")
-PATCH_METHODS = ("medfocus", "medfocus_select")  # need the patch tokens
+PATCH_METHODS = ("medfocus", "medfocus_dual", "medfocus_select")  # need the patch tokens
 # medfocus_select's candidates, in order of preference on an exact tie (the whole image first: it never needs an ROI).
 SELECT_CANDIDATES = ("fusion_whole", "fusion_roi", "dual_view")
 

@@ -231,26 +231,31 @@ def top_two_margin(cosines: Tensor) -> Tensor:
 class DualViewHead(nn.Module):
     """Whole image and ROI view side by side, blended per image by a gate (medfocus_dual).
 
-    Two cosine branches, each the few-shot CLIP head of its view: ``whole`` on the whole-image embedding, ``roi`` on
-    the ROI view's embedding. Their logits are blended per image,
+    Two branches: ``whole``, the fusion head on the whole image's tokens with the ROI bias fixed at 0 (exactly what
+    medfocus gives in mode ``none``), and ``roi``, a cosine head on the ROI view's embedding (the few-shot CLIP head of
+    that view). Their logits are blended per image,
 
-        logits = (1 − γ(x)) · s_w·cos(ĝ, E_whole) + γ(x) · s_r·cos(r̂, E_roi),
+        logits = (1 − γ(x)) · whole(x) + γ(x) · s_r·cos(r̂, E_roi),
         γ(x) = sigmoid(gate_bias + gate_slope · (margin_roi(x) − margin_whole(x)) / margin_scale),
 
     where a margin is the gap between a branch's two best class cosines: the gate can lean on the ROI branch for the
     images where it is the more decisive one. An image without an ROI (all roi weights 0) gets γ = 0. γ ≡ 0, the
-    whole-image head alone, is reachable (gate_bias = −inf). The gate is not trained with the branches (on the training
-    images both branches fit perfectly and it would learn nothing); see ``medfocus_dual`` in methods.py.
+    whole-image head alone, is reachable (gate_bias = −inf), so an ROI that holds nothing costs at most what the gate
+    fit gets wrong. The gate is not trained with the branches (on the training images both branches fit perfectly and
+    it would learn nothing); see ``medfocus_dual`` in methods.py.
     """
 
-    uses_patches = False
+    uses_patches = True
     uses_roi_view = True
 
-    def __init__(self, embed_dim: int, num_classes: int, logit_scale: float, learn_logit_scale: bool):
+    def __init__(self, embed_dim: int, num_classes: int, logit_scale: float, learn_logit_scale: bool, heads: int,
+                 head_dim: int, num_patches: int):
         super().__init__()
         self.architecture = {"embed_dim": embed_dim, "num_classes": num_classes, "logit_scale": logit_scale,
-                             "learn_logit_scale": learn_logit_scale}
-        self.whole = CosineClassifierHead(embed_dim, num_classes, logit_scale, trainable=True, learn_logit_scale=learn_logit_scale)
+                             "learn_logit_scale": learn_logit_scale, "heads": heads, "head_dim": head_dim,
+                             "num_patches": num_patches}
+        self.whole = FusionHead(embed_dim, num_classes, heads, head_dim, roi_bias_strength=0.0, learn_roi_bias=False,
+                                logit_scale=logit_scale, learn_logit_scale=learn_logit_scale, num_patches=num_patches)
         self.roi = CosineClassifierHead(embed_dim, num_classes, logit_scale, trainable=True, learn_logit_scale=learn_logit_scale)
         self.register_buffer("gate_bias", torch.tensor(float("-inf")))
         self.register_buffer("gate_slope", torch.tensor(0.0))

@@ -15,8 +15,9 @@ Methods (all on the same cached features and splits):
 * ``medfocus``      — the fusion head (:class:`~medfocus.trainer.heads.FusionHead`) on ROI-steered features, loss
                       λ·L_c + (1−λ)·L_e. Its settings are fixed in advance (TrainConfig), not searched.
 * ``medfocus_dual`` — the dual-view head (:class:`~medfocus.trainer.heads.DualViewHead`) on features of mode ``dual``:
-                      a whole-image and an ROI-view branch (each trained like clip_fewshot) blended per image by a
-                      gate fitted on out-of-fold predictions of the training subset, so an ROI view that does not help
+                      a whole-image branch (the fusion head with the ROI bias fixed at 0, what medfocus gives in mode
+                      ``none``) and an ROI-view branch (trained like clip_fewshot on the ROI view) blended per image by
+                      a gate fitted on out-of-fold predictions of the training subset, so an ROI view that does not help
                       gets a gate near 0 (whole image only) and one that helps gets weight. Needs ``roi_global``.
 * ``medfocus_select`` — medfocus with its ROI setting chosen on a validation part of the training subset, never on test:
                       the fusion head on the whole image (ROI bias fixed at 0, what mode ``none`` gives), the fusion head
@@ -48,7 +49,7 @@ from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible,
 from .heads import HEADS, CosineClassifierHead, DualViewHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
 from .losses import medfocus_loss
 
-FILE_FORMAT = "medfocus-trainer-head/1"
+FILE_FORMAT = "medfocus-trainer-head/2"  # 2: the dual-view head's whole-image branch is a fusion head
 
 
 class ModelMismatchError(FeatureMismatchError):
@@ -457,17 +458,23 @@ def _fit_medfocus(inputs, labels, class_init, config: TrainConfig, seed, generat
 # --- medfocus_dual -------------------------------------------------------------------------------------------------
 
 
-def _train_branches(inputs: HeadInputs, labels: Tensor, text: ClassText, config: TrainConfig,
-                    generator: torch.Generator) -> tuple[CosineClassifierHead, CosineClassifierHead, dict]:
-    """The whole-image branch and the ROI branch, each the few-shot CLIP head of its view."""
+def _whole_image_only(config: TrainConfig) -> TrainConfig:
+    """The fusion head's settings with the ROI bias fixed at 0: the ROI weights change nothing, as in mode ``none``."""
+    return config.model_copy(update={"roi_bias_strength": 0.0, "learn_roi_bias": False})
+
+
+def _train_branches(inputs: HeadInputs, labels: Tensor, text: ClassText, config: TrainConfig, seed: int,
+                    generator: torch.Generator) -> tuple[FusionHead, CosineClassifierHead, dict]:
+    """The whole-image branch (the fusion head without ROI bias) and the ROI branch (the few-shot CLIP head of the ROI view)."""
     roi_inputs = inputs.swap_views()
-    whole, whole_info = _train_cosine_head(inputs, labels, _class_init(text, inputs.image, labels)[0], config, generator)
+    whole_init = _class_init(text, inputs.image, labels)[0]
+    whole, whole_info = _fit_medfocus(inputs, labels, whole_init, _whole_image_only(config), seed, generator)
     roi, roi_info = _train_cosine_head(roi_inputs, labels, _class_init(text, roi_inputs.image, labels)[0], config, generator)
     return whole, roi, {"whole": whole_info, "roi": roi_info}
 
 
 def _out_of_fold_logits(inputs: HeadInputs, labels: Tensor, folds: list[Tensor], text: ClassText, config: TrainConfig,
-                        generator: torch.Generator, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+                        seed: int, generator: torch.Generator, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Logits of both branches for every training image from branches that did not see it, and the gate feature."""
     samples = len(labels)
     whole_logits, roi_logits, feature = torch.empty(samples, num_classes), torch.empty(samples, num_classes), torch.empty(samples)
@@ -475,7 +482,7 @@ def _out_of_fold_logits(inputs: HeadInputs, labels: Tensor, folds: list[Tensor],
         keep = torch.ones(samples, dtype=torch.bool)
         keep[held_out] = False
         kept = keep.nonzero().flatten()
-        whole, roi, _ = _train_branches(inputs.take(kept), labels[kept], text, config, generator)
+        whole, roi, _ = _train_branches(inputs.take(kept), labels[kept], text, config, seed, generator)
         held_inputs = inputs.take(held_out)
         with torch.no_grad():
             whole_logits[held_out] = whole(held_inputs)
@@ -515,7 +522,8 @@ def _fit_gate(whole_logits: Tensor, roi_logits: Tensor, feature: Tensor, has_roi
 
 def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, generator, text: ClassText):
     num_classes, embed_dim = class_init.shape
-    head = DualViewHead(embed_dim, num_classes, 1.0 / config.temperature, config.learn_temperature)
+    head = DualViewHead(embed_dim, num_classes, 1.0 / config.temperature, config.learn_temperature,
+                        heads=config.attention_heads, head_dim=config.head_dim, num_patches=inputs.patches.shape[1])
     smallest = int(torch.unique(labels, return_counts=True)[1].min())
     folds = (stratified_folds(labels, min(config.dual_folds, smallest), seed) if smallest >= 2 else
              f"subset too small for out-of-fold gate fitting: a class has {smallest} < 2 images")
@@ -529,7 +537,7 @@ def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, ge
         slope, scale = 0.0, 1.0
         source = f"fixed default gate {default} ({folds})"
     else:
-        whole_logits, roi_logits, feature = _out_of_fold_logits(inputs, labels, folds, text, config, generator, num_classes)
+        whole_logits, roi_logits, feature = _out_of_fold_logits(inputs, labels, folds, text, config, seed, generator, num_classes)
         bias, slope, scale = _fit_gate(whole_logits, roi_logits, feature, inputs.has_roi, labels, config.dual_gate_l2)
         gamma = torch.where(inputs.has_roi, torch.sigmoid(bias + slope * feature / scale), torch.zeros_like(feature))
         blended = (1.0 - gamma[:, None]) * whole_logits + gamma[:, None] * roi_logits
@@ -540,7 +548,7 @@ def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, ge
             "gate_mean": float(gamma.mean()), "gate_min": float(gamma.min()), "gate_max": float(gamma.max()),
         }
         source = f"gate fitted on out-of-fold predictions of the training subset ({len(folds)} folds)"
-    whole, roi, branch_info = _train_branches(inputs, labels, text, config, generator)
+    whole, roi, branch_info = _train_branches(inputs, labels, text, config, seed, generator)
     with torch.no_grad():
         head.whole.load_state_dict(whole.state_dict())
         head.roi.load_state_dict(roi.state_dict())
@@ -563,9 +571,8 @@ def _fit_select_candidate(name: str, inputs: HeadInputs, labels: Tensor, text: C
     """One candidate of medfocus_select on ``inputs``, with its own generator (the same seed whatever ran before)."""
     generator = torch.Generator().manual_seed(seed)
     class_init = _class_init(text, inputs.image, labels)[0]
-    if name == "fusion_whole":  # ROI bias fixed at 0: the ROI weights change nothing, as in mode none
-        whole_only = config.model_copy(update={"roi_bias_strength": 0.0, "learn_roi_bias": False})
-        return _fit_medfocus(inputs, labels, class_init, whole_only, seed, generator)
+    if name == "fusion_whole":
+        return _fit_medfocus(inputs, labels, class_init, _whole_image_only(config), seed, generator)
     if name == "fusion_roi":
         return _fit_medfocus(inputs, labels, class_init, config, seed, generator)
     return _fit_medfocus_dual(inputs, labels, class_init, config, seed, generator, text=text)
