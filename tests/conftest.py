@@ -11,6 +11,9 @@ from PIL import Image
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: the commands the tests start (dvc, medfocus) get one thread too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
