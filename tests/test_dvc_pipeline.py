@@ -38,7 +38,7 @@ def small_params(params: dict) -> dict:
     params["features"].update(model="auto", pretrained="auto", modes=["none", "dual"], scheduler="synchronous", workers=1)
     params["train"].update(epochs=5, fraction=1.0, shots=None, seed=0, mode="dual", method="medfocus_dual")
     params["evaluate"].update(methods=["zero_shot", "medfocus", "medfocus_dual"], modes=["dual"], fractions=[1.0], shots=[],
-                              seeds=[0])
+                              seeds=[0], scheduler="synchronous")  # three fits: worker processes would cost more than they save
     params["report"]["gallery_images"] = 3
     return params
 
