@@ -39,7 +39,8 @@ from medfocus.trainer import (
     validation_split,
     write_runs_csv,
 )
-from medfocus.trainer.heads import FusionHead
+from medfocus.trainer import methods
+from medfocus.trainer.heads import FusionHead, HeadInputs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = TrainConfig(epochs=40)
@@ -237,6 +238,34 @@ def test_dual_view_keeps_the_whole_image_when_the_roi_view_missed(seed):
     assert whole_only > 0.6  # the comparison below is against a whole-image head that works
     assert abs(accuracy(dual, test) - whole_only) <= 0.03, (accuracy(dual, test), whole_only)
     assert dual.fit_info["out_of_fold"]["gate_mean"] < 0.2  # vs > 0.5 where the ROI view carries the class
+
+
+def test_stacked_fusion_heads_train_as_they_would_one_by_one(task):
+    # The dual view trains its out-of-fold whole-image heads stacked, one pass over the patch tokens for all of them.
+    train, test, text = task
+    inputs, test_inputs = (HeadInputs.from_features(part, with_patches=True) for part in (train, test))
+    row_sets = [torch.arange(0, 40), torch.arange(20, 60), torch.arange(60)]
+
+    def new_head(rows):
+        return methods._new_fusion_head(text.class_means(), inputs.patches.shape[1], FAST, torch.Generator().manual_seed(len(rows)))
+
+    alone = []
+    for rows in row_sets:
+        head = new_head(rows)
+        training = methods._train_with_medfocus_loss(head, inputs.take(rows), train.labels[rows], FAST, torch.Generator(),
+                                                     no_decay=head.no_decay_parameters())
+        alone.append((head, training))
+    stacked = [new_head(rows) for rows in row_sets]
+    trainings = methods._train_fusion_heads_stacked(stacked, inputs, train.labels, row_sets, FAST)
+    for (alone_head, alone_training), stacked_head, training in zip(alone, stacked, trainings):
+        assert not torch.equal(alone_head.roi_bias, torch.full_like(alone_head.roi_bias, FAST.roi_bias_strength))  # it learned
+        with torch.no_grad():
+            torch.testing.assert_close(stacked_head(test_inputs), alone_head(test_inputs), rtol=0, atol=5e-3)
+        for name, parameter in alone_head.named_parameters():
+            torch.testing.assert_close(getattr(stacked_head, name), parameter, rtol=0, atol=1e-4)
+        assert training["loss_history"] == pytest.approx(alone_training["loss_history"], abs=1e-5)
+    with torch.no_grad():  # and the three heads differ: each saw its own rows
+        assert not torch.allclose(stacked[0](test_inputs), stacked[1](test_inputs), atol=1e-2)
 
 
 def test_dual_view_needs_the_roi_view(task):

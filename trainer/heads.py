@@ -135,6 +135,38 @@ class TipAdapterHead(nn.Module):
         return self.combine(self.zero_shot_logits(inputs), self.affinity(inputs), self.cache_values, self.alpha, self.beta)
 
 
+FUSION_PARAMETERS = ("class_embeddings", "class_queries", "query_proj", "key_proj", "value_proj", "out_proj", "roi_bias",
+                     "log_logit_scale")
+FUSION_NO_DECAY = ("class_embeddings", "class_queries", "roi_bias", "log_logit_scale")
+
+
+def fusion_logits(params: dict[str, Tensor], inputs: HeadInputs) -> tuple[Tensor, Tensor]:
+    """Logits (S, N, C) and attention (S, N, C, H, L) of S fusion heads of one architecture, each of
+    :data:`FUSION_PARAMETERS` stacked on a leading dimension S (:class:`FusionHead` is S = 1).
+
+    Stacked heads share one pass over the patch tokens, the bulk of the cost: the dual view's out-of-fold heads train
+    this way (``medfocus_dual`` in methods.py).
+    """
+    query_proj = params["query_proj"]
+    stack, heads, head_dim, embed_dim = query_proj.shape
+    num_classes = params["class_queries"].shape[1]
+    samples, length, _ = inputs.patches.shape
+    queries = torch.einsum("shed,scd->sche", query_proj, params["class_queries"])
+    folded = torch.einsum("sche,shed->schd", queries, params["key_proj"]) / math.sqrt(head_dim)
+    # (S·C·H, D) against each image's (D, L) tokens: the scores come out (N, S·C·H, L), softmax-ready without a copy
+    scores = torch.matmul(folded.reshape(stack * num_classes * heads, embed_dim), inputs.patches.transpose(1, 2))
+    scores = scores.view(samples, stack, num_classes, heads, length)
+    scores = scores + params["roi_bias"][None, :, None, :, None] * inputs.roi[:, None, None, None, :]
+    attention = scores.softmax(dim=-1)
+    pooled = torch.bmm(attention.view(samples, stack * num_classes * heads, length), inputs.patches)
+    pooled = pooled.view(samples, stack, num_classes, heads, embed_dim)
+    values = torch.einsum("nschd,shed->nsche", pooled, params["value_proj"]).reshape(samples, stack, -1)
+    fused = F.normalize(inputs.image[:, None, :] + torch.einsum("nsk,sdk->nsd", values, params["out_proj"]), dim=-1)
+    scale = params["log_logit_scale"].exp().clamp(max=MAX_LOGIT_SCALE)
+    logits = scale[:, None, None] * torch.einsum("nsd,scd->snc", fused, F.normalize(params["class_embeddings"], dim=-1))
+    return logits, attention.transpose(0, 1)
+
+
 class FusionHead(nn.Module):
     """MedFocusCLIP fusion head.
 
@@ -142,7 +174,7 @@ class FusionHead(nn.Module):
     cross-attention whose scores carry an additive ROI bias b_h · roi[l]; the attended values of every (class, head) go
     through an output projection and are added to the global embedding (residual, output projection initialised at
     zero so training starts from zero-shot CLIP). The logits are the scaled cosine between this fused image embedding and
-    learnable class embeddings (initialised from the text).
+    learnable class embeddings (initialised from the text). The computation is :func:`fusion_logits`.
 
     Cost: the patch tokens are fixed, so the query is folded into key space, u_{c,h} = W_kᵀ W_q q_c ∈ R^D, and values are
     projected after pooling; attention then costs O(N·L·D·C·H) instead of projecting all N·L tokens every step.
@@ -190,36 +222,20 @@ class FusionHead(nn.Module):
             self.out_proj.zero_()
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
-        return [self.class_embeddings, self.class_queries, self.roi_bias, self.log_logit_scale]
+        return [getattr(self, name) for name in FUSION_NO_DECAY]
 
     def logit_scale(self) -> Tensor:
         return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
+    def _stacked(self, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
+        return fusion_logits({name: getattr(self, name)[None] for name in FUSION_PARAMETERS}, inputs)
+
     def attention(self, inputs: HeadInputs) -> Tensor:
         """(N, C, H, L) softmax attention of each class query (per head) over the patches."""
-        head_dim = self.query_proj.shape[1]
-        queries = torch.einsum("hed,cd->che", self.query_proj, self.class_queries)
-        folded = torch.einsum("che,hed->chd", queries, self.key_proj) / math.sqrt(head_dim)
-        num_classes, heads, embed_dim = folded.shape
-        samples, length, _ = inputs.patches.shape
-        scores = (inputs.patches.reshape(samples * length, embed_dim) @ folded.reshape(num_classes * heads, embed_dim).T)
-        scores = scores.reshape(samples, length, num_classes, heads).permute(0, 2, 3, 1)
-        scores = scores + self.roi_bias[None, None, :, None] * inputs.roi[:, None, None, :]
-        return scores.softmax(dim=-1)
-
-    def fused_embedding(self, inputs: HeadInputs) -> tuple[Tensor, Tensor]:
-        """(N, D) normalised fused image embedding and the (N, C, H, L) attention that made it."""
-        attention = self.attention(inputs)
-        samples, num_classes, heads, length = attention.shape
-        pooled = torch.bmm(attention.reshape(samples, num_classes * heads, length), inputs.patches)
-        pooled = pooled.reshape(samples, num_classes, heads, -1)
-        values = torch.einsum("nchd,hed->nche", pooled, self.value_proj).reshape(samples, -1)
-        fused = inputs.image + values @ self.out_proj.T
-        return F.normalize(fused, dim=-1), attention
+        return self._stacked(inputs)[1][0]
 
     def forward(self, inputs: HeadInputs) -> Tensor:
-        fused, _ = self.fused_embedding(inputs)
-        return self.logit_scale() * fused @ F.normalize(self.class_embeddings, dim=-1).T
+        return self._stacked(inputs)[0][0]
 
 
 def top_two_margin(cosines: Tensor) -> Tensor:

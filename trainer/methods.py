@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from .config import METHODS, PATCH_METHODS, ROI_VIEW_METHODS, SELECT_CANDIDATES, TEXT_FREE_METHODS, TrainConfig
 from .data import ClassText, FeatureMismatchError, FeatureSet, check_compatible, stratified_folds, validation_split
-from .heads import HEADS, CosineClassifierHead, DualViewHead, FusionHead, HeadInputs, LinearProbeHead, TipAdapterHead, build_head
+from .heads import (FUSION_NO_DECAY, FUSION_PARAMETERS, HEADS, CosineClassifierHead, DualViewHead, FusionHead, HeadInputs,
+                    LinearProbeHead, TipAdapterHead, build_head, fusion_logits)
 from .losses import medfocus_loss
 
 FILE_FORMAT = "medfocus-trainer-head/2"  # 2: the dual-view head's whole-image branch is a fusion head
@@ -405,15 +406,20 @@ def _run_epochs(head: nn.Module, optimiser, inputs: HeadInputs, labels: Tensor, 
     return history
 
 
-def _train_with_medfocus_loss(head: nn.Module, inputs: HeadInputs, labels: Tensor, config: TrainConfig, generator: torch.Generator,
-                              no_decay: list[nn.Parameter]) -> dict:
+def _adamw(parameters: list[nn.Parameter], no_decay: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW on the trainable ``parameters``, without weight decay on ``no_decay``."""
     no_decay_ids = {id(parameter) for parameter in no_decay}
-    trainable = [parameter for parameter in head.parameters() if parameter.requires_grad]
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) not in no_decay_ids], "weight_decay": config.weight_decay},
         {"params": [p for p in trainable if id(p) in no_decay_ids], "weight_decay": 0.0},
     ]
-    optimiser = torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr, fused=True)
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr, fused=True)
+
+
+def _train_with_medfocus_loss(head: nn.Module, inputs: HeadInputs, labels: Tensor, config: TrainConfig, generator: torch.Generator,
+                              no_decay: list[nn.Parameter]) -> dict:
+    optimiser = _adamw(list(head.parameters()), no_decay, config)
     history = _run_epochs(head, optimiser, inputs, labels, config.epochs, config.batch_size, config.lr_schedule, generator,
                           lambda logits, target: medfocus_loss(logits, target, config.lambda_))
     with torch.no_grad():
@@ -438,21 +444,58 @@ def _fit_clip_fewshot(inputs, labels, class_init, config: TrainConfig, seed, gen
     return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
 
 
-def _fit_medfocus(inputs, labels, class_init, config: TrainConfig, seed, generator):
+def _new_fusion_head(class_init: Tensor, num_patches: int, config: TrainConfig, generator: torch.Generator) -> FusionHead:
     num_classes, embed_dim = class_init.shape
     head = FusionHead(
         embed_dim, num_classes, heads=config.attention_heads, head_dim=config.head_dim,
         roi_bias_strength=config.roi_bias_strength, learn_roi_bias=config.learn_roi_bias,
-        logit_scale=1.0 / config.temperature, learn_logit_scale=config.learn_temperature,
-        num_patches=inputs.patches.shape[1],
+        logit_scale=1.0 / config.temperature, learn_logit_scale=config.learn_temperature, num_patches=num_patches,
     )
     head.initialise(class_init, generator)
-    info = _train_with_medfocus_loss(head, inputs, labels, config, generator, no_decay=head.no_decay_parameters())
+    return head
+
+
+def _fusion_fit_info(head: FusionHead, config: TrainConfig, training: dict) -> dict:
     hyperparameters = {
         "lambda": config.lambda_, "epochs": config.epochs, "lr": config.lr,
         "roi_bias": head.roi_bias.detach().tolist(),
     }
-    return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
+    return {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **training}
+
+
+def _fit_medfocus(inputs, labels, class_init, config: TrainConfig, seed, generator):
+    head = _new_fusion_head(class_init, inputs.patches.shape[1], config, generator)
+    info = _train_with_medfocus_loss(head, inputs, labels, config, generator, no_decay=head.no_decay_parameters())
+    return head, _fusion_fit_info(head, config, info)
+
+
+def _train_fusion_heads_stacked(heads: list[FusionHead], inputs: HeadInputs, labels: Tensor, row_sets: list[Tensor],
+                                config: TrainConfig) -> list[dict]:
+    """Full-batch training of fusion heads of one architecture, head i on the subset rows ``row_sets[i]``, as one stacked
+    model: each step is one pass over the shared patch tokens for all heads. Head i's loss sees only its rows and AdamW
+    is elementwise, so every head gets the updates it would get alone, up to float rounding."""
+    stacked = {name: nn.Parameter(torch.stack([getattr(head, name).detach() for head in heads]),
+                                  requires_grad=getattr(heads[0], name).requires_grad) for name in FUSION_PARAMETERS}
+    optimiser = _adamw(list(stacked.values()), [stacked[name] for name in FUSION_NO_DECAY], config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(config.lr_schedule, config.epochs))
+    histories: list[list[float]] = [[] for _ in heads]
+    for _ in range(config.epochs):
+        logits = fusion_logits(stacked, inputs)[0]
+        losses = [medfocus_loss(logits[index, rows], labels[rows], config.lambda_)[0] for index, rows in enumerate(row_sets)]
+        optimiser.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()
+        optimiser.step()
+        scheduler.step()
+        for history, loss in zip(histories, losses):
+            history.append(float(loss.detach()))
+    infos = []
+    with torch.no_grad():
+        for index, (head, rows) in enumerate(zip(heads, row_sets)):
+            for name in FUSION_PARAMETERS:
+                getattr(head, name).copy_(stacked[name][index])
+            _, components = medfocus_loss(head(inputs.take(rows)), labels[rows], config.lambda_)
+            infos.append({"loss_history": histories[index], "final_loss_components": components})
+    return infos
 
 
 # --- medfocus_dual -------------------------------------------------------------------------------------------------
@@ -463,26 +506,55 @@ def _whole_image_only(config: TrainConfig) -> TrainConfig:
     return config.model_copy(update={"roi_bias_strength": 0.0, "learn_roi_bias": False})
 
 
-def _train_branches(inputs: HeadInputs, labels: Tensor, text: ClassText, config: TrainConfig, seed: int,
-                    generator: torch.Generator) -> tuple[FusionHead, CosineClassifierHead, dict]:
-    """The whole-image branch (the fusion head without ROI bias) and the ROI branch (the few-shot CLIP head of the ROI view)."""
+def _roi_branch(inputs: HeadInputs, labels: Tensor, text: ClassText, config: TrainConfig,
+                generator: torch.Generator) -> tuple[CosineClassifierHead, dict]:
+    """The ROI branch: the few-shot CLIP head of the ROI view."""
     roi_inputs = inputs.swap_views()
-    whole_init = _class_init(text, inputs.image, labels)[0]
-    whole, whole_info = _fit_medfocus(inputs, labels, whole_init, _whole_image_only(config), seed, generator)
-    roi, roi_info = _train_cosine_head(roi_inputs, labels, _class_init(text, roi_inputs.image, labels)[0], config, generator)
-    return whole, roi, {"whole": whole_info, "roi": roi_info}
+    return _train_cosine_head(roi_inputs, labels, _class_init(text, roi_inputs.image, labels)[0], config, generator)
 
 
-def _out_of_fold_logits(inputs: HeadInputs, labels: Tensor, folds: list[Tensor], text: ClassText, config: TrainConfig,
-                        seed: int, generator: torch.Generator, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits of both branches for every training image from branches that did not see it, and the gate feature."""
-    samples = len(labels)
+def _train_branches(inputs: HeadInputs, labels: Tensor, row_sets: list[Tensor], text: ClassText, config: TrainConfig,
+                    seed: int, generator: torch.Generator) -> list[tuple[FusionHead, CosineClassifierHead, dict]]:
+    """The whole-image branch (the fusion head without ROI bias) and the ROI branch trained on each of ``row_sets``
+    (rows of the subset), in order.
+
+    When every row set fits in one batch the whole-image heads train stacked (``_train_fusion_heads_stacked``). Full-batch
+    training draws nothing from the generator, so their initial weights are drawn in the same order as one by one.
+    """
+    whole_config = _whole_image_only(config)
+    num_patches = inputs.patches.shape[1]
+    if max(len(rows) for rows in row_sets) > config.batch_size:
+        branches = []
+        for rows in row_sets:
+            part, part_labels = inputs.take(rows), labels[rows]
+            whole_init = _class_init(text, part.image, part_labels)[0]
+            whole, whole_info = _fit_medfocus(part, part_labels, whole_init, whole_config, seed, generator)
+            roi, roi_info = _roi_branch(part, part_labels, text, config, generator)
+            branches.append((whole, roi, {"whole": whole_info, "roi": roi_info}))
+        return branches
+    wholes = [_new_fusion_head(_class_init(text, inputs.image[rows], labels[rows])[0], num_patches, whole_config, generator)
+              for rows in row_sets]
+    trainings = _train_fusion_heads_stacked(wholes, inputs, labels, row_sets, whole_config)
+    branches = []
+    for rows, whole, training in zip(row_sets, wholes, trainings):
+        roi, roi_info = _roi_branch(inputs.take(rows), labels[rows], text, config, generator)
+        branches.append((whole, roi, {"whole": _fusion_fit_info(whole, whole_config, training), "roi": roi_info}))
+    return branches
+
+
+def _rows_outside(held_out: Tensor, samples: int) -> Tensor:
+    keep = torch.ones(samples, dtype=torch.bool)
+    keep[held_out] = False
+    return keep.nonzero().flatten()
+
+
+def _out_of_fold_logits(inputs: HeadInputs, folds: list[Tensor], branches: list[tuple[FusionHead, CosineClassifierHead, dict]],
+                        num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits of both branches for every training image from the branches of the fold that held it out, and the gate
+    feature."""
+    samples = len(inputs.image)
     whole_logits, roi_logits, feature = torch.empty(samples, num_classes), torch.empty(samples, num_classes), torch.empty(samples)
-    for held_out in folds:
-        keep = torch.ones(samples, dtype=torch.bool)
-        keep[held_out] = False
-        kept = keep.nonzero().flatten()
-        whole, roi, _ = _train_branches(inputs.take(kept), labels[kept], text, config, seed, generator)
+    for held_out, (whole, roi, _) in zip(folds, branches):
         held_inputs = inputs.take(held_out)
         with torch.no_grad():
             whole_logits[held_out] = whole(held_inputs)
@@ -528,6 +600,10 @@ def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, ge
     folds = (stratified_folds(labels, min(config.dual_folds, smallest), seed) if smallest >= 2 else
              f"subset too small for out-of-fold gate fitting: a class has {smallest} < 2 images")
     info: dict[str, Any] = {}
+    gate_from_folds = bool(inputs.has_roi.any()) and not isinstance(folds, str)
+    row_sets = [_rows_outside(held_out, len(labels)) for held_out in folds] if gate_from_folds else []
+    branches = _train_branches(inputs, labels, row_sets + [torch.arange(len(labels))], text, config, seed, generator)
+    whole, roi, branch_info = branches[-1]
     if not bool(inputs.has_roi.any()):
         bias, slope, scale = float("-inf"), 0.0, 1.0
         source = "whole image only: no training image has an ROI"
@@ -537,7 +613,7 @@ def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, ge
         slope, scale = 0.0, 1.0
         source = f"fixed default gate {default} ({folds})"
     else:
-        whole_logits, roi_logits, feature = _out_of_fold_logits(inputs, labels, folds, text, config, seed, generator, num_classes)
+        whole_logits, roi_logits, feature = _out_of_fold_logits(inputs, folds, branches[:-1], num_classes)
         bias, slope, scale = _fit_gate(whole_logits, roi_logits, feature, inputs.has_roi, labels, config.dual_gate_l2)
         gamma = torch.where(inputs.has_roi, torch.sigmoid(bias + slope * feature / scale), torch.zeros_like(feature))
         blended = (1.0 - gamma[:, None]) * whole_logits + gamma[:, None] * roi_logits
@@ -548,7 +624,6 @@ def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, ge
             "gate_mean": float(gamma.mean()), "gate_min": float(gamma.min()), "gate_max": float(gamma.max()),
         }
         source = f"gate fitted on out-of-fold predictions of the training subset ({len(folds)} folds)"
-    whole, roi, branch_info = _train_branches(inputs, labels, text, config, seed, generator)
     with torch.no_grad():
         head.whole.load_state_dict(whole.state_dict())
         head.roi.load_state_dict(roi.state_dict())
