@@ -88,8 +88,8 @@ def chunked(items: list, size: int) -> list[list]:
 
 
 def run_tasks(function: TaskFunction, tasks: list, context: dict, choice: SchedulerChoice, bar: tqdm) -> list:
-    """``function(task, context)`` for every task on the chosen scheduler; the results of all tasks in one list (in
-    completion order on a dask.distributed cluster, in task order otherwise)."""
+    """``function(task, context)`` for every task on the chosen scheduler, started in list order as workers free up; the
+    results of all tasks in one list (in completion order on a dask.distributed cluster, in task order otherwise)."""
     runner = _run_distributed if choice.kind in ("local-cluster", "address") else _run_local
     return runner(function, tasks, context, choice, bar)
 
@@ -103,7 +103,11 @@ def _run_local(function: TaskFunction, chunks: list, context: dict, choice: Sche
             if isinstance(result, list):
                 bar.update(len(result))
 
-    tasks = [dask.delayed(function, pure=False)(chunk, context) for chunk in chunks]
+    # dask's local schedulers start independent tasks in descending key order: keys counting down start them in list
+    # order (evaluate lists its longest fits first, so no long fit is left to run alone at the end)
+    width = len(str(len(chunks)))
+    tasks = [dask.delayed(function, pure=False)(chunk, context, dask_key_name=f"{function.__name__}-{len(chunks) - index:0{width}d}")
+             for index, chunk in enumerate(chunks)]
     options = {"scheduler": "sync" if choice.kind == "synchronous" else choice.kind}
     if choice.kind != "synchronous":
         options["num_workers"] = choice.workers
@@ -121,7 +125,8 @@ def _run_distributed(function: TaskFunction, chunks: list, context: dict, choice
     else:
         cluster, client = None, Client(choice.address)
     try:
-        futures = client.map(function, chunks, context=context, pure=False)
+        futures = [client.submit(function, chunk, context=context, pure=False, priority=len(chunks) - index)
+                   for index, chunk in enumerate(chunks)]
         outcomes: list = []
         for future in as_completed(futures):
             result = future.result()

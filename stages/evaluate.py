@@ -168,6 +168,9 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
 
     tasks = [SubsetFits(order, mode, fraction, shots, seed, tuple(hashes))
              for order, (mode, ((fraction, shots, seed), hashes)) in enumerate(itertools.product(settings.modes, subsets.items()))]
+    # Longest first, so that no long fit is left to run alone at the end: the biggest subsets, and at one size the mode
+    # with the ROI view (only there do the dual-view methods fit).
+    tasks.sort(key=lambda task: (len(task.hashes), task.mode == "dual"), reverse=True)
     choice = parse_scheduler(settings.scheduler, settings.workers)
     context = {
         "evaluation": uuid.uuid4().hex, "prepared": prepared, "common": sorted(common), "test": test_kept,

@@ -3,11 +3,14 @@ function."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from medfocus.pipeline.images import load_image
-from medfocus.pipeline.runner import Outcome, WorkItem, parse_scheduler, run_incremental
+from medfocus.pipeline.runner import Outcome, WorkItem, parse_scheduler, run_incremental, run_tasks
 from medfocus.pipeline.store import (
     FeatureStore,
     ImageStore,
@@ -120,6 +123,17 @@ def test_every_scheduler_gives_the_same_store(tmp_path, items, scheduler):
     for item in items:
         ours, ref = store.read_image(item.hash), reference.read_image(item.hash)
         assert np.array_equal(ours[0]["means"], ref[0]["means"]) and ours[1] == ref[1]
+
+
+def started_at(task: int, context: dict) -> list[tuple[int, float]]:
+    return [(task, time.monotonic())]
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads", "processes", "local-cluster"])
+def test_tasks_start_in_list_order(scheduler):
+    # evaluate lists its longest fits first; one worker shows the order in which the scheduler starts them
+    results = run_tasks(started_at, list(range(12)), {}, parse_scheduler(scheduler, workers=1), tqdm(disable=True))
+    assert [task for task, _ in sorted(results, key=lambda result: result[1])] == list(range(12))
 
 
 def test_rerun_skips_done_and_processes_only_new(tmp_path, items):
