@@ -133,7 +133,7 @@ def _check_attention_layers(value: str) -> str:
 class ParallelParams(Section):
     scheduler: Scheduler = Field(default="threads", description="dask scheduler: synchronous, threads, processes, local-cluster[:N] or tcp://host:port.")
     workers: int = Field(default=2, ge=1, description="Workers for the threads/processes/local-cluster schedulers.")
-    chunk_size: int = Field(default=8, ge=1, description="Images per dask task (one model load per worker, one write per image).")
+    chunk_size: int = Field(default=2, ge=1, description="Images per dask task (one model load per worker, one write per image); small, so that no worker is left alone with a long last chunk.")
     store_root: str = Field(default="", description="Where the Zarr stores go: empty = cache/<dataset>; a shared path or an fsspec URL (s3://...) for clusters.")
 
     @field_validator("scheduler")
