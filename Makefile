@@ -28,6 +28,8 @@ demo: setup
 	git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@$(BIN)/medfocus summary --dataset demo
 	@echo "report: cache/demo/report/index.html"
 
 # One pytest worker per core; each test file stays on one worker (the dvc tests share one clone per file).

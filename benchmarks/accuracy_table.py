@@ -1,6 +1,6 @@
 """Markdown accuracy table (mean ± std over seeds, %) of one or more ``metrics.json`` files, as in benchmarks/README.md.
 
-One row per (encoder weights, method, ROI mode), one column per training fraction, and the authors' numbers (stages/paper_results.json) for
+One row per (encoder weights, method, ROI mode), one column per training fraction, and the authors' numbers (pipeline/paper_results.json) for
 the dataset beside them. Every row names its encoder and weights source, so a random-init row can never pass as real.
 
     python benchmarks/accuracy_table.py cache-real/clip/covid/metrics.json cache-real/litemedsam/covid/metrics.json
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medfocus.stages.evaluate import paper_results
+from medfocus.pipeline.paper import paper_results
 
 
 def encoder_label(metrics: dict) -> str:

@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from medfocus.stages.evaluate import paper_results
+from medfocus.pipeline.paper import paper_results
 
 KEY_FIELDS = ("method", "mode", "fraction", "shots", "seed")
 

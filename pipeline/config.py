@@ -15,8 +15,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medfocus.trainer.config import TrainConfig
-from medfocus.trainer.config import METHODS, ROI_VIEW_METHODS
+from medfocus.pipeline.segmenters.policies import POLICIES
+from medfocus.pipeline.vocabulary import ENCODER_MODELS, SAM2_MODELS, SEGMENTER_BACKENDS, STEERING_MODES, spelled_out
+from medfocus.trainer.config import METHODS, ROI_VIEW_METHODS, TrainConfig
+
+FeatureMode = Literal[STEERING_MODES]
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -97,9 +100,7 @@ def _check_device(value: str) -> str:
 
 Device = Annotated[str, AfterValidator(_check_device)]
 
-# The names of pipeline.segmenters.policies.POLICIES, plus 'auto'; kept here so that reading params does not import
-# torch (tests/test_config.py checks that the two lists agree).
-RoiPolicyName = Literal["auto", "whole-image", "centre-box", "grid-score", "dark-blob", "demo-lesion"]
+RoiPolicyName = Literal[("auto", *POLICIES)]
 
 
 def _open_clip_architectures() -> list[str]:
@@ -117,8 +118,8 @@ def _check_encoder_model(value: str) -> str:
     if known and value not in known:
         close = get_close_matches(value, known, n=3)
         raise ValueError(
-            f"unknown encoder model {value!r}: use auto, litemedsam, an hf-hub:org/name repository or an open_clip "
-            f"model name{' such as ' + ', '.join(close) if close else ''} (all {len(known)}: python -c "
+            f"unknown encoder model {value!r}: use {ENCODER_MODELS}"
+            f"{'; close: ' + ', '.join(close) if close else ''} (all {len(known)} open_clip models: python -c "
             "\"import open_clip; print(open_clip.list_models())\")"
         )
     return value
@@ -143,10 +144,10 @@ class ParallelParams(Section):
 
 
 class SegmentParams(ParallelParams):
-    backend: Literal["litemedsam", "sam2"] = Field(default="litemedsam", description="litemedsam: offline pretrained medical SAM; sam2: Meta's SAM2 (needs weights).")
-    policy: RoiPolicyName = Field(default="auto", description="ROI proposal/selection policy (whole-image, centre-box, grid-score, dark-blob, demo-lesion); 'auto' = the measured best for the dataset.")
+    backend: Literal[SEGMENTER_BACKENDS] = Field(default="litemedsam", description="litemedsam: offline pretrained medical SAM; sam2: Meta's SAM2 (needs weights).")
+    policy: RoiPolicyName = Field(default="auto", description=f"ROI proposal/selection policy ({spelled_out(POLICIES)}); 'auto' = the measured best for the dataset.")
     store_resolution: int = Field(default=256, ge=32, le=2048, description="Side of the stored label map and ROI mask.")
-    sam2_model: Literal["tiny", "small", "base_plus", "large"] = "tiny"
+    sam2_model: Literal[SAM2_MODELS] = "tiny"
     sam2_checkpoint: str = Field(default="auto", description="Local .pt path, or 'auto' = the Hugging Face hub cache (downloads on a connected machine).")
     sam2_mode: Literal["auto", "prompted"] = Field(default="prompted", description="auto = the paper's automatic mask generator; prompted = fast ROI mode.")
     sam2_image_size: int = Field(default=1024, ge=256, le=1024, multiple_of=32, description="SAM2 input side in prompted mode; 512 is the fast CPU setting (benchmarks/README.md).")
@@ -166,7 +167,7 @@ class FeaturesParams(ParallelParams):
     model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, or 'litemedsam'.")
     pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'.")
     allow_random_init: bool = Field(default=False, description="An open_clip model with pretrained=auto and no weights: random init (every output then says random-init) instead of an error. For tests.")
-    modes: list[Literal["none", "overlay", "blur", "crop", "attention", "dual"]] = Field(default=["none", "dual"], description="ROI steering modes to compute, each its own store.")
+    modes: list[FeatureMode] = Field(default=["none", "dual"], description="ROI steering modes to compute, each its own store.")
     overlay_alpha: float = Field(default=0.4, gt=0.0, le=1.0, description="overlay: opacity of the painted masks.")
     blur_sigma: float = Field(default=0.03, gt=0.0, le=1.0, description="blur: Gaussian sigma outside the ROI, as a fraction of the image's shorter side.")
     crop_margin: float = Field(default=0.1, ge=0.0, le=2.0, description="crop: margin around the ROI box, as a fraction of the box's longer side.")
@@ -198,7 +199,6 @@ class FeaturesParams(ParallelParams):
 # What train/evaluate may name: the trainer's methods, and the feature-store modes (ROI steering modes plus "dual", the
 # whole image with its ROI view, which medfocus_dual needs).
 TrainerMethod = Literal[METHODS]
-FeatureMode = Literal["none", "overlay", "blur", "crop", "attention", "dual"]
 
 
 class TrainParams(TrainConfig):
@@ -292,17 +292,28 @@ class Params(Section):
         return self
 
 
-def _describe_errors(error: ValidationError, source: str, raw: dict[str, Any]) -> str:
+def _describe_errors(error: ValidationError, source: str, raw: dict[str, Any], flags: dict[str, str]) -> str:
+    """One line per error, naming where the bad value came from: the command-line option (``flags``: dotted key ->
+    option name, for the keys an option set) or the params file's key."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}' (value {item['input']!r})")
+            continue
+        # A validator's own message is the explanation; pydantic's "Value error, " prefix adds nothing to it.
+        message = item["msg"].removeprefix("Value error, ")
+        flag = next((flags[dotted] for dotted in flags if key == dotted or key.startswith(dotted + ".")), None)
+        if flag is not None:
+            lines.append(f"option {flag} {item.get('input')!r}: {message} ({key})")
         else:
-            # A validator's own message is the explanation; pydantic's "Value error, " prefix adds nothing to it.
-            message = item["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: {key} = {item.get('input')!r}: {message}")
     return "\n".join(lines)
+
+
+def option_name(dotted: str) -> str:
+    """The command-line option that sets a params key: its last part, ``--like-this``."""
+    return "--" + dotted.rpartition(".")[2].replace("_", "-")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -316,31 +327,40 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_params(raw: dict[str, Any] | None, *, source: str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Validate a params mapping (plus dotted overrides whose value is not None) into :class:`Params`."""
+def parse_params(raw: dict[str, Any] | None, *, source: str = "params.yaml", overrides: dict[str, Any] | None = None,
+                 flags: dict[str, str] | None = None) -> Params:
+    """Validate a params mapping (plus dotted overrides whose value is not None) into :class:`Params`; an error in an
+    override names its option (``flags``: dotted key -> option name; default: :func:`option_name`)."""
     tree: dict[str, Any] = dict(raw or {})
     tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy through the same types the file has
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, dotted, value)
+    set_by_option = {dotted: (flags or {}).get(dotted) or option_name(dotted)
+                     for dotted, value in (overrides or {}).items() if value is not None}
     try:
         return Params.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_describe_errors(error, source, tree)) from None
+        raise ConfigError(_describe_errors(error, source, tree, set_by_option)) from None
 
 
-def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                flags: dict[str, str] | None = None) -> Params:
     """Read params.yaml (defaults when the file is absent and no path was asked for) and apply overrides."""
     explicit = path is not None
     path = Path(path) if explicit else DEFAULT_PARAMS_FILE
     if not path.exists():
         if explicit:
             raise ConfigError(f"params file {path} does not exist")
-        return parse_params({}, source="defaults", overrides=overrides)
+        return parse_params({}, source="defaults", overrides=overrides, flags=flags)
+    if path.is_dir():
+        raise ConfigError(f"params file {path} is a folder: give the path of a params.yaml file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"params file {path} cannot be read: {error.strerror}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, source=str(path), overrides=overrides)
+    return parse_params(raw, source=str(path), overrides=overrides, flags=flags)

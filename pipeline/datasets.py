@@ -8,8 +8,10 @@ dataset whose classes are its folders.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -27,8 +29,13 @@ class ClassSpec:
     folders: tuple[str, ...] = ()
 
     def matches(self, folder: str) -> bool:
+        return self.matching_name(folder) is not None
+
+    def matching_name(self, folder: str) -> str | None:
+        """The key of the name (the class's own or one of its ``folders``) that ``folder`` matches, or None."""
+        key = normalise_class_name(folder)
         wanted = {normalise_class_name(self.name), *(normalise_class_name(f) for f in self.folders)}
-        return normalise_class_name(folder) in wanted
+        return key if key in wanted else None
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,22 @@ class DatasetSpec:
 
 
 def normalise_class_name(name: str) -> str:
-    """'Viral Pneumonia' and 'viral_pneumonia' name the same class."""
-    return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+    """The key folder and class names are compared by: 'Viral Pneumonia', 'viral_pneumonia' and 'VIRAL-PNEUMONIA' have
+    one key. Letters beyond ASCII are kept ('Tumör', 'Tumør' and 'tumor' are three keys); the Unicode forms of one
+    text (composed or decomposed 'ö') and case are folded. A key is for comparing only: a class keeps its own name."""
+    text = unicodedata.normalize("NFKC", name).casefold()
+    return re.sub(r"[\W_]+", "_", text).strip("_")
+
+
+def class_file_key(name: str) -> str:
+    """An ASCII-safe stand-in for a class name, for where a file name needs one: the name itself when it is only ASCII
+    letters, digits, '_', '-' and '.', otherwise its ASCII transliteration followed by 8 hex digits of the name's
+    sha256, so that two classes ('Tumör', 'Tumør') never share one."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        return name
+    ascii_text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", ascii_text).strip("_")[:40] or "class"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def generic_prompts(class_name: str, modality: str) -> tuple[str, ...]:

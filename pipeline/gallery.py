@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from medfocus.pipeline.encoders.steering import overlay_masks
 from medfocus.pipeline.images import load_image
+from medfocus.pipeline.preparation import PreparedDataset
 from medfocus.pipeline.store import ImageStore
-
-from .common import PreparedDataset
+from PIL import Image
 
 ROI_OUTLINE = np.array([255, 230, 0], dtype=np.uint8)
 

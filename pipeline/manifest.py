@@ -13,18 +13,28 @@ are found by a perceptual hash and a structure correlation, see :func:`find_near
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .datasets import ClassSpec, DatasetSpec, generic_prompts, normalise_class_name
-from .images import ImageDecodeError, ImageSignature, file_sha256, hamming_pairs, image_signature, is_dicom, load_image
+from .images import (
+    SIGNATURE_SIDE,
+    ImageDecodeError,
+    ImageSignature,
+    file_sha256,
+    hamming_pairs,
+    image_signature,
+    is_dicom,
+    load_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +46,25 @@ class DatasetError(ValueError):
     """The dataset cannot be used as it is; the message says what to change."""
 
 
+class SingleClassError(DatasetError):
+    """A dataset with one class: nothing to tell apart, so nothing to train or evaluate."""
+
+
+def require_two_classes(dataset: str, class_names: list[str]) -> None:
+    """Training and evaluation need at least two classes: raise :class:`SingleClassError` naming the dataset."""
+    if len(class_names) < 2:
+        raise SingleClassError(
+            f"dataset {dataset!r} has {'one class, ' + repr(class_names[0]) if class_names else 'no class'}: a classifier "
+            "needs at least two. Add a folder (or CSV label) per class and run `medfocus prepare` again"
+        )
+
+
 @dataclass(frozen=True)
 class FoundFile:
     path: Path
     folder: str  # the class as the folder or CSV names it
     split: str | None
+    source: str = ""  # where it was listed, when not a folder: "labels.csv:7"
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,7 @@ class ImageRecord:
     height: int
     mode: str
     signature: ImageSignature
+    identity: str = ""  # file_identity() when it was read: a later prepare reuses the record while it still holds
 
 
 @dataclass(frozen=True)
@@ -77,8 +102,12 @@ def _class_folders(parent: Path, ignore: tuple[str, ...]) -> list[Path]:
 
 
 def _discover_csv(csv_path: Path) -> tuple[list[FoundFile], dict[str, int]]:
+    """The CSV's rows as files, relative paths taken from the CSV's folder. Rows whose file is missing stay listed (prepare
+    reports them as skipped, see :func:`split_missing`); rows that point outside the CSV's folder are read, with a warning."""
     found: list[FoundFile] = []
-    with csv_path.open(newline="") as handle:
+    folder = Path(os.path.abspath(csv_path.parent))
+    outside: list[tuple[int, str]] = []
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark is no header
         reader = csv.DictReader(handle)
         fields = set(reader.fieldnames or ())
         if not {"path", "label"} <= fields:
@@ -90,7 +119,17 @@ def _discover_csv(csv_path: Path) -> tuple[list[FoundFile], dict[str, int]]:
             label = (row.get("label") or "").strip()
             if not label:
                 raise DatasetError(f"{csv_path}:{line}: empty label")
-            found.append(FoundFile((csv_path.parent / row["path"].strip()), label, split))
+            listed = (row.get("path") or "").strip()
+            if not listed:
+                raise DatasetError(f"{csv_path}:{line}: empty path")
+            path = csv_path.parent / listed
+            if not Path(os.path.normpath(folder / listed)).is_relative_to(folder):
+                outside.append((line, listed))
+            found.append(FoundFile(path, label, split, f"{csv_path.name}:{line}"))
+    if outside:
+        line, listed = outside[0]
+        log.warning("%s: %d row(s) name files outside the CSV's folder %s (e.g. line %d: %s); they are read as listed",
+                    csv_path, len(outside), folder, line, listed)
     per_class: dict[str, int] = defaultdict(int)
     for item in found:
         per_class[item.folder] += 1
@@ -123,23 +162,58 @@ def discover(spec: DatasetSpec) -> tuple[str, list[FoundFile], dict[str, int]]:
 
 
 def match_classes(spec: DatasetSpec, folders: list[str]) -> tuple[DatasetSpec, dict[str, str]]:
-    """Map folder names to class names. Registered datasets must find their classes; ad-hoc ones take the folders."""
+    """Map folder names to class names. Registered datasets must find their classes; ad-hoc ones take the folders.
+
+    Each folder keeps its own name as an ad-hoc class name, Unicode intact. Folders are matched to a defined class's
+    name or listed ``folders`` ignoring case, spaces and punctuation; two folders that would be one class through one
+    such name ('Benign' and 'benign', composed and decomposed 'Tumör') are an error naming both, never merged
+    silently. A class that lists several ``folders`` takes one folder per listed name: that mapping is deliberate.
+    """
+    folders = sorted(dict.fromkeys(folders))
     if not spec.classes:
-        names: dict[str, str] = {}
-        for folder in sorted(folders):
-            names.setdefault(normalise_class_name(folder), folder)
-        classes = tuple(ClassSpec(name, generic_prompts(name, spec.modality), (folder,)) for name, folder in names.items())
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for folder in folders:
+            by_key[normalise_class_name(folder)].append(folder)
+        _refuse_merged_folders(spec, [(names, names[0]) for names in by_key.values()])
+        classes = tuple(ClassSpec(folder, generic_prompts(folder, spec.modality), (folder,)) for folder in folders)
         spec = spec.with_classes(classes)
     mapping: dict[str, str] = {}
+    by_name: dict[tuple[str, str], list[str]] = defaultdict(list)
     for folder in folders:
-        matches = [c.name for c in spec.classes if c.matches(folder)]
+        matches = [(c.name, c.matching_name(folder)) for c in spec.classes if c.matches(folder)]
         if not matches:
             raise DatasetError(
                 f"dataset {spec.name!r}: folder {folder!r} matches none of its classes {spec.class_names}; "
                 "rename it, remove it, or declare the dataset under custom_datasets in params.yaml (ignore_folders: folders that hold no class)"
             )
-        mapping[folder] = matches[0]
+        mapping[folder] = matches[0][0]
+        by_name[matches[0]].append(folder)
+    _refuse_merged_folders(spec, [(names, class_name) for (class_name, _), names in by_name.items()])
     return spec, mapping
+
+
+def _refuse_merged_folders(spec: DatasetSpec, groups: list[tuple[list[str], str]]) -> None:
+    clashes = [(names, class_name) for names, class_name in groups if len(names) > 1]
+    if clashes:
+        described = "; ".join(f"{' and '.join(map(repr, names))} would both be class {class_name!r}" for names, class_name in clashes)
+        raise DatasetError(
+            f"dataset {spec.name!r}: class folders that differ only in case, spaces, punctuation or Unicode form: {described}. "
+            "Merge them into one folder or rename one (or map them deliberately with `folders` under custom_datasets in params.yaml)"
+        )
+
+
+def split_missing(found: list[FoundFile]) -> tuple[list[FoundFile], list[dict]]:
+    """(files that exist, skipped ones as ``{"path", "reason"}``): a CSV row naming a file that is not there is reported
+    and skipped like a corrupt file, never an error that stops prepare."""
+    present, missing = [], []
+    for item in found:
+        if item.path.is_file():
+            present.append(item)
+        else:
+            what = "not a file" if item.path.exists() else "no such file"
+            where = f"{item.source}: " if item.source else ""
+            missing.append({"path": str(item.path), "reason": f"{where}{what}: {item.path}"})
+    return present, missing
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -150,19 +224,83 @@ def _source_mode(path: Path) -> str:
         return image.mode
 
 
-def inspect_files(found: list[FoundFile], progress: bool = False) -> tuple[list[ImageRecord], list[dict]]:
-    """Decode every file; return (readable files with hash, size, mode and signature, unreadable ones with the reason)."""
+def file_identity(path: Path) -> str:
+    """What tells one version of a file from another without reading it: its path, size, modification time, device,
+    inode and status-change time. Rewriting a file changes its ctime even when its size stays and its mtime is set back
+    (``touch -d``, ``os.utime``, copies that keep times); replacing it changes the inode."""
+    stat = path.stat()
+    return f"{path.absolute()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_dev}|{stat.st_ino}|{stat.st_ctime_ns}"
+
+
+def inspect_files(found: list[FoundFile], progress: bool = False,
+                  known: dict[str, ImageRecord] | None = None) -> tuple[list[ImageRecord], list[dict]]:
+    """Decode every file; return (readable files with hash, size, mode and signature, unreadable ones with the reason).
+
+    ``known`` (from :func:`load_known_records`) maps file identities to records of an earlier prepare: a file whose
+    identity is there is not read again. Pass none to decode and hash every file (``medfocus prepare --rehash``).
+    """
     from tqdm import tqdm
 
     readable, corrupt = [], []
     for item in tqdm(found, desc="decode", unit="img", disable=not progress):
         try:
+            identity = file_identity(item.path)
+            record = (known or {}).get(identity)
+            if record is not None:
+                readable.append(replace(record, file=item))
+                continue
             image = load_image(item.path)
             readable.append(ImageRecord(item, file_sha256(item.path), image.shape[1], image.shape[0], _source_mode(item.path),
-                                        image_signature(image)))
+                                        image_signature(image), identity))
         except (ImageDecodeError, OSError) as error:
             corrupt.append({"path": str(item.path), "reason": str(error)})
     return readable, corrupt
+
+
+def _decoder_version() -> str:
+    """What a decoded record depends on besides the file: the decoding code and the libraries it calls."""
+    import PIL
+    import pydicom
+
+    digest = hashlib.sha256()
+    for module in (Path(__file__).with_name("images.py"), Path(__file__)):
+        digest.update(module.read_bytes())
+    digest.update(f"{PIL.__version__}|{pydicom.__version__}|{np.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_known_records(path: Path) -> dict[str, ImageRecord]:
+    """The records :func:`save_known_records` kept, by file identity; none when the file is absent, unreadable or was
+    written by other decoding code or library versions."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["version"]) != _decoder_version():
+                return {}
+            columns = {name: data[name] for name in ("identity", "hash", "width", "height", "mode", "phash", "structure")}
+    except (OSError, KeyError, ValueError):
+        return {}
+    placeholder = FoundFile(Path(), "", None)
+    return {str(identity): ImageRecord(placeholder, str(digest), int(width), int(height), str(mode),
+                                       ImageSignature(int(phash), structure), str(identity))
+            for identity, digest, width, height, mode, phash, structure in zip(*columns.values())}
+
+
+def save_known_records(path: Path, records: list[ImageRecord]) -> None:
+    """Keep the decoded records of this prepare (hash, size, mode, signature per file identity) for the next one."""
+    records = [r for r in records if r.identity]
+    side = SIGNATURE_SIDE * SIGNATURE_SIDE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("wb") as handle:
+        np.savez(handle, version=np.array(_decoder_version()),
+                 identity=np.array([r.identity for r in records], dtype=str),
+                 hash=np.array([r.hash for r in records], dtype=str),
+                 width=np.array([r.width for r in records], dtype=np.int64),
+                 height=np.array([r.height for r in records], dtype=np.int64),
+                 mode=np.array([r.mode for r in records], dtype=str),
+                 phash=np.array([r.signature.phash for r in records], dtype=np.uint64),
+                 structure=np.stack([r.signature.structure for r in records]) if records else np.zeros((0, side), np.float32))
+    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------------- dedup, leakage
@@ -183,7 +321,7 @@ def collapse_duplicates(readable: list[ImageRecord], mapping: dict[str, str]) ->
             leaked.append({"hash": digest, "kept_in": "test", "removed_from_train": [str(r.file.path) for r in records if r.file.split == "train"]})
             records = [r for r in records if r.file.split == "test"]
         if len(paths) > 1:
-            duplicate_groups.append({"hash": digest, "paths": paths})
+            duplicate_groups.append({"hash": digest, "paths": paths, "kept": str(records[0].file.path)})
         kept.append(records[0])
     report = {
         "duplicate_groups": len(duplicate_groups),
@@ -294,24 +432,48 @@ def find_near_duplicates(records: list[ImageRecord], mapping: dict[str, str], ha
 
 
 # ---------------------------------------------------------------------------------------------------- splits
+def hash_draw(purpose: str, seed: int, digest: str) -> float:
+    """A number in [0, 1) fixed by an image's content hash, a seed and what it decides (see :func:`stratified_test_split`)."""
+    value = hashlib.sha256(f"medfocus|{purpose}|{seed}|{digest}".encode()).digest()
+    return int.from_bytes(value[:8], "big") / 2.0**64
+
+
+def _by_draw(hashes: list[str], purpose: str, seed: int) -> list[str]:
+    return sorted(hashes, key=lambda digest: (hash_draw(purpose, seed, digest), digest))
+
+
 def stratified_test_split(labels_by_hash: dict[str, str], fraction: float, seed: int) -> tuple[dict[str, str], list[str]]:
-    """Assign each hash to train or test, per class, seeded. Classes with < 2 images stay in train (with a warning)."""
+    """Assign each hash to train or test, per class. The split rule, and the rule of the training subsets:
+
+    Each image draws a number in [0, 1) from the sha256 of its content hash and the seed (``hash_draw``). An image is a
+    test image when its draw is below the test fraction, so its split depends on its own content alone: adding,
+    removing or changing other images never moves it between train and test. Only where that leaves a class with no
+    test image (or with no training image) does the class's lowest draw go to test (its highest to train); a class
+    with one image stays in train, with a warning. A dataset with its own train/test folders (or CSV split column)
+    keeps them. Training subsets rank each class's training images by another draw (from the subset seed): a
+    fraction f takes the first max(1, round(f·n)) of them, a k-shot subset the first k, so subsets are stratified,
+    nested (5 % ⊂ 10 % ⊂ …, 1 ⊂ 2 ⊂ 4 shots) and an added or removed image changes at most the one image at the
+    edge of a subset besides itself.
+    """
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"test fraction must be in (0, 1), got {fraction}")
     by_class: dict[str, list[str]] = defaultdict(list)
     for digest, label in labels_by_hash.items():
         by_class[label].append(digest)
     split, warnings = {}, []
-    for class_index, label in enumerate(sorted(by_class)):
-        hashes = sorted(by_class[label])
-        order = np.random.default_rng([seed, class_index]).permutation(len(hashes))
-        if len(hashes) < 2:
-            warnings.append(f"class {label!r} has {len(hashes)} image(s): it cannot be split, so it has no test image")
-            n_test = 0
+    for label in sorted(by_class):
+        ranked = _by_draw(by_class[label], "test-split", seed)
+        if len(ranked) < 2:
+            warnings.append(f"class {label!r} has {len(ranked)} image(s): it cannot be split, so it has no test image")
+            test = set()
         else:
-            n_test = min(max(1, round(fraction * len(hashes))), len(hashes) - 1)
-        for rank, position in enumerate(order):
-            split[hashes[position]] = "test" if rank < n_test else "train"
+            test = {digest for digest in ranked if hash_draw("test-split", seed, digest) < fraction}
+            if not test:
+                test = {ranked[0]}
+            elif len(test) == len(ranked):
+                test.discard(ranked[-1])
+        for digest in ranked:
+            split[digest] = "test" if digest in test else "train"
     return split, warnings
 
 
@@ -323,14 +485,14 @@ def subset_size(n_class: int, fraction: float | None = None, shots: int | None =
 
 
 def training_subsets(train: list[Entry], fractions: list[float], shots: list[int], seeds: list[int]) -> dict:
-    """Nested, stratified training subsets: for one seed each class is shuffled once and every subset is a prefix."""
+    """Nested, stratified training subsets: for one seed each class is ranked by its images' hash draws once and every
+    subset is a prefix of that ranking (the rule: :func:`stratified_test_split`)."""
     by_class: dict[str, list[str]] = defaultdict(list)
-    for entry in sorted(train, key=lambda e: e.hash):
+    for entry in train:
         by_class[entry.label].append(entry.hash)
     subsets: dict = {"fraction": {}, "shots": {}}
     for seed in seeds:
-        orders = {label: [hashes[i] for i in np.random.default_rng([seed, ci, 7]).permutation(len(hashes))]
-                  for ci, (label, hashes) in enumerate(sorted(by_class.items()))}
+        orders = {label: _by_draw(hashes, "subset", seed) for label, hashes in sorted(by_class.items())}
         for fraction in fractions:
             chosen = [h for label, order in orders.items() for h in order[: subset_size(len(order), fraction=fraction)]]
             subsets["fraction"].setdefault(f"{fraction:g}", {})[str(seed)] = sorted(chosen)
@@ -340,12 +502,36 @@ def training_subsets(train: list[Entry], fractions: list[float], shots: list[int
     return subsets
 
 
+# ---------------------------------------------------------------------------------------------------- summary
+DROPPED_EXAMPLES = 5
+
+
+def dropped_images(summary: dict, examples: int = DROPPED_EXAMPLES) -> dict[str, dict]:
+    """Every file prepare left out, per reason: ``{reason: {"count": n, "examples": [up to `examples` paths]}}``, only
+    reasons that dropped something. Reasons: corrupt, missing (CSV rows), duplicate (byte-identical copies beyond the
+    one kept), train_test_leak (train copies of a test image), label_conflict (one content under several labels: all
+    copies), and near_duplicate, near_duplicate_leak, near_duplicate_label_conflict (see :func:`find_near_duplicates`)."""
+    leaked = {path for leak in summary.get("leaks", []) for path in leak["removed_from_train"]}
+    by_reason: dict[str, list[str]] = {
+        "corrupt": [item["path"] for item in summary.get("corrupt", [])],
+        "missing": [item["path"] for item in summary.get("missing", [])],
+        "duplicate": [path for group in summary.get("duplicates", [])
+                      for path in group["paths"] if path != group.get("kept", group["paths"][0]) and path not in leaked],
+        "train_test_leak": [path for leak in summary.get("leaks", []) for path in leak["removed_from_train"]],
+        "label_conflict": [path for conflict in summary.get("conflicting_labels", []) for path in conflict["paths"]],
+    }
+    near_kinds = {"duplicate": "near_duplicate", "train_test_leak": "near_duplicate_leak", "label_conflict": "near_duplicate_label_conflict"}
+    for group in (summary.get("near_duplicates") or {}).get("groups", []):
+        by_reason.setdefault(near_kinds.get(group["kind"], "near_duplicate"), []).extend(group["removed"])
+    return {reason: {"count": len(paths), "examples": paths[:examples]} for reason, paths in by_reason.items() if paths}
+
+
 # ---------------------------------------------------------------------------------------------------- files
 def write_atomic(path: Path, text: str) -> None:
     """Write then rename, so a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
@@ -367,5 +553,5 @@ def write_manifest(path: Path, entries: list[Entry]) -> None:
 def read_manifest(path: Path) -> list[Entry]:
     if not path.exists():
         raise DatasetError(f"no manifest at {path}: run `medfocus prepare` for this dataset first")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         return [Entry(r["hash"], r["path"], r["label"], r["split"], int(r["width"]), int(r["height"]), r["mode"]) for r in csv.DictReader(handle)]

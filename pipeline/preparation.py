@@ -1,30 +1,179 @@
-"""What the per-image stages (segment, features) share: the prepared dataset, work items and the stage summary."""
+"""A dataset prepared: ``medfocus prepare``'s work (decode, hash, de-duplicate, split: ``cache/<dataset>/manifest.csv``,
+``splits.json``, ``prepare.json``) and the prepared dataset every later stage reads, with its work items."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import threading
-from collections import OrderedDict
-from collections.abc import Iterable
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
-
 from medfocus.pipeline.config import ConfigError, Params, PrepareParams
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.images import file_sha256, load_image
-from medfocus.pipeline.manifest import Entry, read_manifest, write_json
+from medfocus.pipeline.manifest import (
+    DatasetError,
+    Entry,
+    FoundFile,
+    collapse_duplicates,
+    discover,
+    file_identity,
+    find_near_duplicates,
+    inspect_files,
+    load_known_records,
+    match_classes,
+    read_manifest,
+    require_two_classes,
+    save_known_records,
+    split_missing,
+    stratified_test_split,
+    training_subsets,
+    write_json,
+    write_manifest,
+)
 from medfocus.pipeline.paths import DatasetPaths, read_json
-from medfocus.pipeline.provenance import package_versions
-from medfocus.pipeline.runner import RunSummary, WorkItem
-from medfocus.pipeline.store import canonical_json
+from medfocus.pipeline.runner import WorkItem
+from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
+
+
+def _relative(path: Path, root: Path) -> str:
+    base = root.parent if root.is_file() else root
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def listing_fingerprint(spec: DatasetSpec) -> str:
+    """A cheap hash of which files the dataset has and of each one's version (path, size, mtime, inode, ctime: see
+    :func:`~medfocus.pipeline.manifest.file_identity`), to notice added, removed, replaced or rewritten files without
+    reading them. ``medfocus prepare --rehash`` reads every file whatever this says."""
+    try:
+        _, found, _ = discover(spec)
+    except DatasetError:
+        return "absent"
+    return _fingerprint(found)
+
+
+def _fingerprint(found: list[FoundFile]) -> str:
+    digest = hashlib.sha256()
+    for item in found:
+        try:
+            identity = file_identity(item.path)
+        except OSError:
+            identity = "missing"  # a CSV row naming no file: prepare reports it
+        digest.update(f"{item.path}|{item.folder}|{item.split}|{identity}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def known_records_file(paths: DatasetPaths) -> Path:
+    """Where prepare keeps each file's hash, size and signature by file identity, so that the next prepare reads only
+    new or changed files (a cache: deleting it costs one full read)."""
+    return paths.prepare_summary.with_name("prepare.files.npz")
+
+
+def _ensure_demo(spec: DatasetSpec, params: Params) -> None:
+    if spec.name == "demo" and spec.registered:
+        from medfocus.pipeline.demo import ensure_demo
+
+        ensure_demo(spec.root, images_per_class=params.prepare.demo_images_per_class)
+
+
+def prepare_dataset(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True, rehash: bool = False) -> dict:
+    """Build the manifest, splits and summary of ``spec``; returns the summary written to prepare.json.
+
+    Files whose identity (path, size, mtime, inode, ctime) is unchanged since the last prepare are not read again;
+    ``rehash`` reads, decodes and hashes every file regardless.
+    """
+    started = time.perf_counter()
+    settings = params.prepare
+    _ensure_demo(spec, params)
+    layout, found, files_per_folder = discover(spec)
+    listing = _fingerprint(found)
+    found, missing_files = split_missing(found)
+    for item in missing_files:
+        log.warning("skipped missing file: %s", item["reason"])
+    empty = sorted(folder for folder, count in files_per_folder.items() if count == 0)
+    if empty:
+        raise DatasetError(
+            f"dataset {spec.name!r}: class folder(s) {empty} under {spec.root} are empty; add images or remove the folder"
+        )
+    spec, folder_to_class = match_classes(spec, sorted(files_per_folder))
+    known = {} if rehash else load_known_records(known_records_file(paths))
+    readable, corrupt = inspect_files(found, progress=progress, known=known)
+    save_known_records(known_records_file(paths), readable)
+    for item in corrupt:
+        log.warning("skipped unreadable file %s: %s", item["path"], item["reason"])
+    kept, duplicates = collapse_duplicates(readable, folder_to_class)
+    # Before the split: near-copies of one image are collapsed first, so a random split cannot leak them.
+    kept, near_duplicates = find_near_duplicates(kept, folder_to_class, settings.near_duplicate_threshold,
+                                                 settings.near_duplicate_min_correlation)
+    if near_duplicates["near_duplicate_groups"]:
+        log.warning("%d group(s) of near-copies: %d train image(s) removed (%d of them near-copies of a test image), "
+                    "%d label conflict(s); every pair is listed in %s", near_duplicates["near_duplicate_groups"],
+                    near_duplicates["near_duplicate_files_removed"], near_duplicates["near_duplicate_leaks"],
+                    near_duplicates["near_duplicate_label_conflicts"], paths.prepare_summary)
+
+    labels = {record.hash: folder_to_class[record.file.folder] for record in kept}
+    warnings: list[str] = []
+    has_test = any(record.file.split == "test" for record in kept)
+    if has_test:
+        split_of = {record.hash: (record.file.split or "train") for record in kept}
+    else:
+        split_of, warnings = stratified_test_split(labels, settings.test_fraction, settings.seed)
+    entries = sorted(
+        (Entry(r.hash, _relative(r.file.path, spec.root), labels[r.hash], split_of[r.hash], r.width, r.height, r.mode)
+         for r in kept),
+        key=lambda e: (e.split, e.label, e.path),
+    )
+    counts = {split: dict(sorted(Counter(e.label for e in entries if e.split == split).items())) for split in ("train", "test")}
+    missing = [c for c in spec.class_names if counts["train"].get(c, 0) == 0]
+    if missing:
+        raise DatasetError(f"dataset {spec.name!r}: no readable training image for class(es) {missing}")
+    for label in spec.class_names:
+        total = counts["train"].get(label, 0) + counts["test"].get(label, 0)
+        if total < 2:
+            warnings.append(f"class {label!r} has only {total} readable image(s)")
+    if len(spec.class_names) < 2:
+        warnings.append(f"dataset {spec.name!r} has one class ({', '.join(map(repr, spec.class_names))}): it can be segmented "
+                        "and encoded, but train and evaluate need at least two classes")
+    for message in dict.fromkeys(warnings):
+        log.warning("%s", message)
+
+    train = [e for e in entries if e.split == "train"]
+    subsets = training_subsets(train, settings.fractions, settings.shots, settings.subset_seeds)
+    write_manifest(paths.manifest, entries)
+    write_json(paths.splits, subsets)
+    summary = {
+        "dataset": spec.name,
+        "root": str(spec.root),
+        "layout": layout,
+        "modality": spec.modality,
+        "classes": [asdict(c) for c in spec.classes],
+        "files_found": len(found),
+        "images": len(entries),
+        "counts": counts,
+        "test_split": "from dataset" if has_test else f"stratified, fraction {settings.test_fraction}, seed {settings.seed}",
+        "corrupt": corrupt,
+        "corrupt_count": len(corrupt),
+        "missing": missing_files,
+        "missing_count": len(missing_files),
+        **duplicates,
+        **near_duplicates,
+        "warnings": list(dict.fromkeys(warnings)),
+        "listing": listing,
+        "params": settings.model_dump(),
+        "subsets": {"fractions": settings.fractions, "shots": settings.shots, "seeds": settings.subset_seeds},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(paths.prepare_summary, summary)
+    return summary
 
 
 @dataclass(frozen=True)
@@ -52,10 +201,16 @@ class PreparedDataset:
     def work_items(self) -> list[WorkItem]:
         return [WorkItem(entry.hash, str(self.image_path(entry))) for entry in self.entries]
 
+    def require_two_classes(self) -> None:
+        """Train and evaluate refuse a dataset with one class (:class:`~medfocus.pipeline.manifest.SingleClassError`)."""
+        require_two_classes(self.name, self.class_names)
+
     def unreadable(self) -> list[dict]:
         """Files prepare could not decode, as failure records of the per-image stages (they never reach a store)."""
-        return [{"hash": None, "path": item["path"], "reason": f"unreadable, left out by prepare: {item['reason']}"}
-                for item in self.summary.get("corrupt", [])]
+        return ([{"hash": None, "path": item["path"], "reason": f"unreadable, left out by prepare: {item['reason']}"}
+                 for item in self.summary.get("corrupt", [])]
+                + [{"hash": None, "path": item["path"], "reason": f"missing, left out by prepare: {item['reason']}"}
+                   for item in self.summary.get("missing", [])])
 
 
 class ImageChangedError(ValueError):
@@ -87,11 +242,9 @@ def load_prepared(spec: DatasetSpec, params: Params, paths: DatasetPaths, progre
     - params.yaml's ``prepare`` section differs from the manifest's settings: the manifest is used as it is, and a
       warning names the differing keys and the ``medfocus prepare`` command that applies params.yaml.
     """
-    from .prepare import listing_fingerprint, prepare
-
     if not (paths.prepare_summary.exists() and paths.manifest.exists()):
         log.info("preparing %s from %s first (no manifest yet)", spec.name, spec.root)
-        summary = prepare(spec, params, paths, progress=progress)
+        summary = prepare_dataset(spec, params, paths, progress=progress)
         return PreparedDataset(spec.name, Path(summary["root"]), read_manifest(paths.manifest), summary)
 
     summary = read_json(paths.prepare_summary)
@@ -99,7 +252,7 @@ def load_prepared(spec: DatasetSpec, params: Params, paths: DatasetPaths, progre
     out_of_date = _why_out_of_date(summary, spec, listing_fingerprint(spec))
     if out_of_date:
         log.info("preparing %s from %s again (%s), with the settings of its last prepare", spec.name, spec.root, out_of_date)
-        summary = prepare(spec, params.model_copy(update={"prepare": prepared_with}), paths, progress=progress)
+        summary = prepare_dataset(spec, params.model_copy(update={"prepare": prepared_with}), paths, progress=progress)
     else:
         differing = {key: (getattr(prepared_with, key), getattr(params.prepare, key))
                      for key in PrepareParams.model_fields if getattr(prepared_with, key) != getattr(params.prepare, key)}
@@ -135,83 +288,3 @@ def _why_out_of_date(summary: dict, spec: DatasetSpec, listing: str) -> str:
     if spec.classes and summary.get("classes") != json.loads(json.dumps([asdict(c) for c in spec.classes])):
         return "its class definitions (names, folders or prompts) changed"
     return ""
-
-
-_local = threading.local()
-# Models a thread keeps: one per stage in a run (a segmenter, an encoder), so that a process running many stages
-# with other settings (tests, notebooks) does not pile up models.
-MODELS_PER_THREAD = 2
-
-
-def _thread_models() -> OrderedDict:
-    models = getattr(_local, "models", None)
-    if models is None:
-        models = _local.models = OrderedDict()
-    return models
-
-
-def per_thread_model(key: str, build):
-    """One model per worker thread and process: predictors keep per-image state, so threads must not share one.
-
-    The driver builds its model through here too, so work that runs in the driver's thread (the synchronous
-    scheduler) uses that model instead of building a second one.
-    """
-    models = _thread_models()
-    if key not in models:
-        models[key] = build()
-        while len(models) > MODELS_PER_THREAD:
-            models.popitem(last=False)
-    models.move_to_end(key)
-    return models[key]
-
-
-def check_same_model(built: dict, expected: dict, what: str) -> None:
-    """A worker's model must be the driver's (a remote worker may have other packages or weights files)."""
-    if canonical_json(built) != canonical_json(expected):
-        differing = sorted(k for k in set(built) | set(expected) if built.get(k) != expected.get(k))
-        raise RuntimeError(
-            f"this worker built another {what} than the driver did (differing: {', '.join(differing)}); give every "
-            "worker the same package versions and weights files"
-        )
-
-
-def set_torch_threads(workers: int) -> None:
-    """Split the cores this process may use between workers, instead of letting every worker's torch use all of them.
-
-    Never above the threads the process already has: a limit set by its caller (OMP_NUM_THREADS, a test, a cluster's
-    worker settings) stands.
-    """
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores // max(1, workers))))
-
-
-def run_file(content_file: Path) -> Path:
-    """``segment.json`` -> ``segment.run.json``: how a run went (timings, scheduler, where the store is)."""
-    return content_file.with_name(content_file.stem + ".run.json")
-
-
-def done_digest(hashes: Iterable[str]) -> str:
-    """One hash of the set of images a store holds: changes exactly when an image is added or lost."""
-    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()[:16]
-
-
-def write_stage_outputs(content_file: Path, content: dict, run: RunSummary, prepared: PreparedDataset, store,
-                        run_details: dict) -> dict:
-    """Write a per-image stage's two outputs; return them merged (what the command prints).
-
-    ``content_file`` holds what the store contains for this dataset (the spec, images done, failures with reasons,
-    files prepare could not read): later stages and DVC depend on it, so it changes only when content does.
-    ``run_file(content_file)`` holds how this run went: counts of processed and skipped images, seconds, versions.
-    """
-    counts = run.to_dict()
-    failed = counts["failed"] + prepared.unreadable()
-    done = store.done([entry.hash for entry in prepared.entries])
-    summary = {**content, "total": len(prepared.entries) + len(prepared.unreadable()), "done": len(done),
-               "done_digest": done_digest(done), "failed": failed, "failed_count": len(failed)}
-    write_json(content_file, summary)
-    run_summary = {key: counts[key] for key in ("processed", "skipped", "seconds", "images_per_s", "scheduler")}
-    run_summary |= {**run_details, "versions": package_versions()}
-    write_json(run_file(content_file), run_summary)
-    return summary | run_summary

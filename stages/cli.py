@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-
-from .config import ConfigError, Params, load_params
-from .datasets import DatasetSpec, UnknownDatasetError, registry, resolve_dataset
-from .manifest import DatasetError
-from .paths import DEFAULT_CACHE_ROOT, DatasetPaths
-from .store import StoreMismatchError
+from medfocus.pipeline.config import ConfigError, Params, load_params
+from medfocus.pipeline.datasets import DatasetSpec, UnknownDatasetError, registry, resolve_dataset
+from medfocus.pipeline.manifest import DatasetError
+from medfocus.pipeline.paths import DEFAULT_CACHE_ROOT, DatasetPaths
+from medfocus.pipeline import vocabulary
+from medfocus.pipeline.segmenters.policies import POLICIES
+from medfocus.pipeline.store import StoreMismatchError
+from medfocus.pipeline.vocabulary import spelled_out
+from medfocus.trainer.config import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("medfocus")
@@ -29,16 +32,17 @@ log = logging.getLogger("medfocus")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: shown as one clear message and exit code 2, without a traceback."""
+    from medfocus.pipeline.current_stores import SpecOutdatedError
     from medfocus.pipeline.encoders import PretrainedWeightsUnavailable, UnsupportedEncoderFeature
     from medfocus.pipeline.images import ImageDecodeError
     from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
     from medfocus.trainer import FeatureMismatchError, MethodUnavailableError
 
     return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, ImageDecodeError, PretrainedWeightsUnavailable,
-            UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError)
+            UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError, SpecOutdatedError)
 
 
-STEERING_MODES = "none, overlay, blur, crop, attention or dual"
+STEERING_MODES = spelled_out(vocabulary.STEERING_MODES)
 DatasetOption = typer.Option(..., "--dataset", "-d", help="Registered dataset name, or any name with --root for your own folder.")
 RootOption = typer.Option(None, "--root", help="Dataset folder (folder-per-class, train/ + test/, or a CSV path,label[,split]).")
 ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: ./params.yaml if present).")
@@ -47,9 +51,11 @@ SchedulerOption = typer.Option(None, "--scheduler", help="synchronous | threads 
 WorkersOption = typer.Option(None, "--workers", help="Workers for threads/processes/local-cluster.")
 StoreRootOption = typer.Option(None, "--store-root", help="Where the mask and feature stores are (a shared path or an fsspec URL) instead of cache/<dataset>.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
-ModelOption = typer.Option(None, "--model", help="Image encoder (features.model): auto, an open_clip model (ViT-B-32, ViT-B-16, ...), hf-hub:org/name or litemedsam; it names the feature stores.")
+ModelOption = typer.Option(None, "--model", help=f"Image encoder (features.model): {vocabulary.ENCODER_MODELS}; it names the feature stores.")
 PretrainedOption = typer.Option(None, "--pretrained", help="Encoder weights (features.pretrained): auto, none, an open_clip tag, an hf-hub: name or a local file.")
-MethodOption = typer.Option(None, "--method", help="medfocus, medfocus_dual, medfocus_select, clip_fewshot, linear_probe, tip_adapter, tip_adapter_f, zero_shot.")
+MethodOption = typer.Option(None, "--method", help=f"Trainer method (train.method): {spelled_out(METHODS)}.")
+BackendOption = typer.Option(None, "--backend", help=f"Segmenter (segment.backend): {spelled_out(vocabulary.SEGMENTER_BACKENDS)} (litemedsam ships pretrained; sam2 needs weights).")
+PolicyOption = typer.Option(None, "--policy", help=f"ROI policy (segment.policy): {spelled_out(['auto', *POLICIES])}; auto = the measured best for the dataset.")
 TrainModeOption = typer.Option(None, "--mode", help=f"ROI steering mode (feature store) of the head (train.mode): {STEERING_MODES}.")
 
 
@@ -65,10 +71,21 @@ def _run(action: Callable[[], Any]) -> Any:
     except _user_errors() as error:
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=2) from None
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as error:
+        # A read-only --cache-dir, an unwritable --store-root, a file where a folder belongs: the path says which.
+        typer.secho(f"error: {error.strerror}: {error.filename} (check --cache-dir / --store-root / --root and their "
+                    "permissions)", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2) from None
+
+
+# Options whose name is not the last part of the params key they set (the rest: medfocus.pipeline.config.option_name).
+OPTION_OF = {"prepare.seed": "--split-seed", "features.modes": "--mode", "evaluate.methods": "--method",
+             "evaluate.modes": "--mode", "evaluate.fractions": "--fraction", "evaluate.seeds": "--seed",
+             "train.lambda": "--lambda", "segment.store_root": "--store-root", "features.store_root": "--store-root"}
 
 
 def _load(params_file: Optional[Path], overrides: dict[str, Any]) -> Params:
-    return load_params(params_file, overrides)
+    return load_params(params_file, overrides, OPTION_OF)
 
 
 def _on_dataset(dataset: str, root: Optional[Path], params_file: Optional[Path], cache_dir: Path, overrides: dict[str, Any],
@@ -96,6 +113,13 @@ def _print_json(payload: dict) -> None:
     typer.echo(json.dumps(payload, indent=2))
 
 
+def _print_summary(metrics: dict, paths: DatasetPaths, err: bool = False) -> None:
+    """The headline of an evaluation (what the report opens with), as text."""
+    from medfocus.pipeline.results_summary import render_text
+
+    typer.echo(("\n" if err else "") + render_text(metrics["summary"], str(paths.metrics)), nl=False, err=err)
+
+
 @app.command()
 def datasets(params_file: Optional[Path] = ParamsOption) -> None:
     """List the registered datasets, their roots and whether their data is present."""
@@ -115,6 +139,7 @@ def prepare(
     root: Optional[Path] = RootOption,
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Held-out share per class when the dataset has no test split, in (0, 1)."),
     split_seed: Optional[int] = typer.Option(None, "--split-seed", help="Seed of that test split (prepare.seed); training subsets have their own seeds."),
+    rehash: bool = typer.Option(False, "--rehash", help="Read and hash every file, also those whose path, size, times and inode say they are unchanged."),
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
@@ -123,15 +148,11 @@ def prepare(
 
     The split it makes stays until the next `medfocus prepare`: later commands never re-split with other settings.
     """
+    from medfocus.stages.prepare import overview
     from medfocus.stages.prepare import prepare as run_prepare
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
-        summary = run_prepare(spec, params, paths, progress=not quiet)
-        keys = ("dataset", "images", "counts", "corrupt_count", "duplicate_groups", "duplicate_files_removed", "leaked_train_test",
-                "near_duplicate_groups", "near_duplicate_files_removed", "near_duplicate_leaks", "near_duplicate_label_conflicts", "warnings")
-        _print_json({k: summary[k] for k in keys} | {"corrupt": [c["path"] for c in summary["corrupt"]],
-                                                      "leaked": [p for leak in summary["leaks"] for p in leak["removed_from_train"]],
-                                                      "summary": str(paths.prepare_summary)})
+        _print_json(overview(run_prepare(spec, params, paths, progress=not quiet, rehash=rehash), paths))
 
     _on_dataset(dataset, root, params_file, cache_dir, {"prepare.test_fraction": test_fraction, "prepare.seed": split_seed}, work)
 
@@ -177,9 +198,9 @@ def _stage_overview(summary: dict, extra: tuple[str, ...] = ()) -> dict:
 def segment(
     dataset: str = DatasetOption,
     root: Optional[Path] = RootOption,
-    backend: Optional[str] = typer.Option(None, "--backend", help="litemedsam (offline pretrained) or sam2 (needs weights)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="ROI policy: whole-image, centre-box, grid-score, dark-blob, or auto (the measured best for the dataset)."),
-    sam2_model: Optional[str] = typer.Option(None, "--sam2-model", help="tiny | small | base_plus | large"),
+    backend: Optional[str] = BackendOption,
+    policy: Optional[str] = PolicyOption,
+    sam2_model: Optional[str] = typer.Option(None, "--sam2-model", help=f"SAM2 size: {spelled_out(vocabulary.SAM2_MODELS)}."),
     sam2_checkpoint: Optional[str] = typer.Option(None, "--sam2-checkpoint", help="Local checkpoint path, or 'auto' (Hugging Face hub cache)."),
     sam2_mode: Optional[str] = typer.Option(None, "--sam2-mode", help="auto (the paper's automatic mask generator) or prompted (fast)."),
     sam2_image_size: Optional[int] = typer.Option(None, "--sam2-image-size", help="Prompted mode's input side (multiple of 32, 256-1024; 512 is fast on CPU)."),
@@ -216,14 +237,13 @@ def show_masks(
     cache_dir: Path = CacheOption,
 ) -> None:
     """Write a PNG gallery of images with every mask and the ROI overlaid."""
-    from medfocus.pipeline.specs import resolve_segment
-    from medfocus.stages.common import load_prepared
-    from medfocus.stages.gallery import write_gallery
-    from medfocus.stages.stores import current_mask_store
+    from medfocus.pipeline.current_stores import current_mask_store, current_segment_spec
+    from medfocus.pipeline.gallery import write_gallery
+    from medfocus.pipeline.preparation import load_prepared
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         prepared = load_prepared(spec, params, paths)
-        segmenter = resolve_segment(params.segment, spec.name)
+        segmenter = current_segment_spec(spec, params, paths)
         store = current_mask_store(spec, params, paths, segmenter)
         title = f"{dataset}: {segmenter.build_options['backend']} masks, ROI policy {segmenter.build_options['policy']}"
         typer.echo(str(write_gallery(prepared, store, output or paths.gallery, count, title)))
@@ -308,15 +328,40 @@ def evaluate(
     from medfocus.stages.evaluate import evaluate as run_evaluate
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
+        from medfocus.pipeline.results_summary import flat_headline
+
         metrics = run_evaluate(spec, params, paths, progress=not quiet)
-        headline = [r for r in metrics["results"] if r["fraction"] == min(params.evaluate.fractions or [1.0])]
+        summary = metrics.get("summary")
+        # The data on stdout (JSON, as every command), then the headline for the reader, last, on stderr.
         _print_json({"weights_source": metrics["weights_source"], "random_init": metrics["random_init"],
-                     "lowest_fraction": headline, "metrics": str(paths.metrics)})
+                     **({"headline": flat_headline(summary)} if summary else {}), "metrics": str(paths.metrics)})
+        if summary:
+            _print_summary(metrics, paths, err=True)
 
     overrides = {"evaluate.methods": method or None, "evaluate.modes": mode or None, "evaluate.fractions": fraction or None,
                  "evaluate.shots": shots or None, "evaluate.seeds": seed or None, "evaluate.scheduler": scheduler,
                  "evaluate.workers": workers, **_encoder(model, pretrained), **_store_root(store_root)}
     _on_dataset(dataset, root, params_file, cache_dir, overrides, work)
+
+
+@app.command()
+def summary(
+    dataset: str = DatasetOption,
+    cache_dir: Path = CacheOption,
+) -> None:
+    """Print what the last `medfocus evaluate` found: data, models, ROI quality, the headline, the compact table and
+    the per-class results (the same as the report's top)."""
+
+    def action() -> None:
+        paths = DatasetPaths(dataset, cache_dir)
+        if not paths.metrics.exists():
+            raise FileNotFoundError(f"no {paths.metrics}: run `medfocus evaluate --dataset {dataset}` first")
+        metrics = json.loads(paths.metrics.read_text())
+        if "summary" not in metrics:
+            raise FileNotFoundError(f"{paths.metrics} predates the summary: rerun `medfocus evaluate --dataset {dataset}`")
+        _print_summary(metrics, paths)
+
+    _run(action)
 
 
 @app.command()
@@ -349,8 +394,8 @@ def roi_eval(
     masks: Path = typer.Option(..., "--masks", help="Folder of ground-truth masks: same relative paths as the images, plus --suffix."),
     root: Optional[Path] = RootOption,
     suffix: str = typer.Option("_mask.png", "--suffix", help="Appended to an image's stem to name its mask."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="ROI policy to measure (default: the segment settings')."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="litemedsam or sam2."),
+    policy: Optional[str] = PolicyOption,
+    backend: Optional[str] = BackendOption,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images per class (quick looks)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report (default cache/<dataset>/roi_eval.json)."),
     params_file: Optional[Path] = ParamsOption,
@@ -359,9 +404,9 @@ def roi_eval(
 ) -> None:
     """Dice and IoU of the automatic ROI against ground-truth masks, per class and overall, with seconds per image."""
     from medfocus.pipeline.manifest import write_json
+    from medfocus.pipeline.preparation import load_prepared
+    from medfocus.pipeline.current_stores import current_segment_spec
     from medfocus.pipeline.segmenters import create_segmenter, evaluate_roi
-    from medfocus.pipeline.specs import resolve_segment
-    from medfocus.stages.common import load_prepared
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
         prepared = load_prepared(spec, params, paths, progress=not quiet)
@@ -371,7 +416,7 @@ def roi_eval(
             if limit is None or taken.get(entry.label, 0) < limit:
                 taken[entry.label] = taken.get(entry.label, 0) + 1
                 items.append((prepared.image_path(entry), entry.label))
-        segmenter = create_segmenter(**resolve_segment(params.segment, spec.name).build_options)
+        segmenter = create_segmenter(**current_segment_spec(spec, params, paths).build_options)
         report = evaluate_roi(segmenter, items, masks, suffix, images_root=prepared.root.resolve(), progress=not quiet)
         path = output or paths.dir / "roi_eval.json"
         write_json(path, report)

@@ -4,8 +4,10 @@ Every method sees the same subsets, the same features and the same test set; hyp
 training subset (see medfocus.trainer). Modes are compared on the same images: only images that have features in every
 evaluated mode take part (how many were left out is in metrics.json). Outputs under ``cache/<dataset>/``:
 ``metrics.json`` (means ± std over seeds and bootstrap 95 % intervals over the test images, the encoder's weights
-source on every row, the authors' numbers beside them), ``evaluation/runs.csv`` (one row per run), ``evaluation/*.png``
-plots and ``evaluation/accuracy_vs_fraction.csv`` (for ``dvc plots``).
+source on every row, the authors' numbers beside them, and ``summary``: the headline, compact table and per-class
+results of :mod:`medfocus.pipeline.results_summary`, which the terminal and the report render), ``evaluation/runs.csv``
+(one row per run), ``evaluation/*.png`` plots, and ``evaluation/accuracy_vs_fraction.csv`` and
+``evaluation/roi_effect.csv`` (for ``dvc plots``).
 """
 
 from __future__ import annotations
@@ -13,50 +15,46 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
-
+from medfocus.pipeline.cached_features import CachedFeatures, load_cached_features, store_identity, subset_hashes
 from medfocus.pipeline.config import Params
+from medfocus.pipeline.current_stores import current_feature_store, current_mask_store
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.manifest import write_atomic, write_json
-from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.paper import paper_datasets, paper_results
+from medfocus.pipeline.paths import DatasetPaths, read_json
+from medfocus.pipeline.preparation import load_prepared
 from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
+from medfocus.pipeline.results_summary import summarize
 from medfocus.pipeline.runner import parse_scheduler, run_tasks
-from medfocus.pipeline.store import FeatureStore
-from medfocus.trainer import FeatureSet, MethodUnavailableError, aggregate, bootstrap_accuracy_ci, compute_metrics, fit, write_runs_csv
+from medfocus.pipeline.segmenters.roi_eval import dice_iou, load_truth_mask, mask_path_for
+from medfocus.pipeline.store import FeatureStore, IncompleteImageError, StoreMissingError
+from medfocus.pipeline.worker_models import set_torch_threads
+from medfocus.trainer import (
+    FeatureSet,
+    MethodUnavailableError,
+    aggregate,
+    bootstrap_accuracy_ci,
+    compute_metrics,
+    fit,
+    write_runs_csv,
+)
 from medfocus.trainer.plots import plot_accuracy_vs_fraction, plot_confusion_matrix
-
-from .common import load_prepared, set_torch_threads
-from .train import CachedFeatures, current_feature_store, feature_identity, load_cached_features, subset_hashes
 
 log = logging.getLogger(__name__)
 
-PAPER_RESULTS_FILE = Path(__file__).with_name("paper_results.json")
-
-
-@cache
-def _paper_file() -> dict:
-    return json.loads(PAPER_RESULTS_FILE.read_text())
-
-
-def paper_results(dataset: str) -> dict[str, dict[float, float]] | None:
-    """The authors' test accuracy (%) for ``dataset``: {method label: {training fraction: accuracy}}, or None."""
-    table = _paper_file()["results"].get(dataset)
-    if table is None:
-        return None
-    return {label: {float(fraction): value for fraction, value in by_fraction.items()} for label, by_fraction in table.items()}
-
-
-def paper_datasets() -> list[str]:
-    return sorted(_paper_file()["results"])
+# Ground-truth ROI masks, where a dataset has them: <root>/lesion_masks/<same relative folder>/<image stem>_mask.png
+# (the demo's layout; list the folder under the dataset's ignore_folders so prepare takes it for no class).
+GROUND_TRUTH_FOLDER = "lesion_masks"
+GROUND_TRUTH_SUFFIX = "_mask.png"
 
 
 def _subsets(params: Params) -> list[tuple[float | None, int | None]]:
@@ -135,6 +133,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
 
     settings = params.evaluate
     prepared = load_prepared(spec, params, paths, progress=False)
+    prepared.require_two_classes()
     stores = {mode: current_feature_store(spec, params, paths, mode) for mode in settings.modes}
     all_hashes = [entry.hash for entry in prepared.entries]
     common = set(all_hashes)
@@ -189,7 +188,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
     unavailable = {result["skipped"]: result["reason"] for result in results if "skipped" in result}
     for key, reason in unavailable.items():
         log.warning("skipped %s: %s", key, reason)
-    sources = {mode: feature_identity(store.attrs) for mode, store in stores.items()}
+    sources = {mode: store_identity(store) for mode, store in stores.items()}
     return runs, {"features": sources, "skipped": unavailable, "images": alignment}
 
 
@@ -206,6 +205,7 @@ def accuracy_table(aggregated: dict) -> list[dict]:
          "balanced_accuracy": _percent(g["balanced_accuracy"]["mean"]),
          "macro_f1": _percent(g["macro_f1"]["mean"]),
          "auroc": _percent(g["auroc_ovr"]["mean"]),
+         "sensitivity": {name: _percent(value["mean"]) for name, value in g.get("per_class_recall", {}).items()},
          "seeds": g["n_runs"], "weights_source": g["weights_source"]}
         for g in aggregated["groups"]
     ]
@@ -218,6 +218,21 @@ def _write_plot_csv(rows: list[dict], path) -> None:
     for row in rows:
         if row["fraction"] is not None:
             writer.writerow({"series": f"{row['method']}/{row['mode']}", "fraction": row["fraction"], "accuracy": row["accuracy"]})
+    write_atomic(path, buffer.getvalue())
+
+
+def _write_roi_effect_csv(effect: dict, path) -> None:
+    """The ROI's effect per training fraction (best ROI row minus best whole-image row, points, with its interval)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["series", "fraction", "effect", "ci95_low", "ci95_high", "roi_row", "whole_image_row"],
+                            lineterminator="\n")
+    writer.writeheader()
+    for entry in effect["by_column"]:
+        if entry["fraction"] is not None:
+            low, high = entry["ci95"] or (None, None)
+            writer.writerow({"series": "best ROI row − best whole-image row", "fraction": entry["fraction"],
+                             "effect": entry["difference"], "ci95_low": low, "ci95_high": high,
+                             "roi_row": entry["roi"]["label"], "whole_image_row": entry["whole"]["label"]})
     write_atomic(path, buffer.getvalue())
 
 
@@ -241,6 +256,59 @@ def confusion_run(runs: list[dict], params: Params) -> tuple[dict, str]:
                               f"{_subset_label(*subset)}, seed {seed}")
 
 
+def roi_quality(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict | None:
+    """Dice and IoU of the stored ROIs against the dataset's ground-truth masks (:data:`GROUND_TRUTH_FOLDER`), over
+    every image that has one and masks in the store; None when the dataset has no such masks. Reads the mask store
+    only (no segmenter runs), in its frame (see :mod:`medfocus.pipeline.segmenters.roi_eval`)."""
+    prepared = load_prepared(spec, params, paths, progress=False)
+    truth_root = prepared.root / GROUND_TRUTH_FOLDER
+    if not truth_root.is_dir():
+        return None
+    try:
+        store = current_mask_store(spec, params, paths)
+    except StoreMissingError:
+        return None
+    scores = []
+    for entry in prepared.entries:
+        truth = mask_path_for(prepared.image_path(entry), prepared.root.resolve(), truth_root, GROUND_TRUTH_SUFFIX)
+        if not truth.is_file():
+            continue
+        try:
+            roi, _ = store.read_masks(entry.hash)
+        except IncompleteImageError:
+            continue
+        scores.append(dice_iou(roi, load_truth_mask(truth, roi.shape[0])))
+    if not scores:
+        return None
+    dice, iou = np.mean(np.asarray(scores), axis=0)
+    return {"dice": round(float(dice), 4), "iou": round(float(iou), 4), "n": len(scores), "truth": str(truth_root)}
+
+
+def _facts(spec: DatasetSpec, paths: DatasetPaths, metrics_images: dict, random_init: bool) -> tuple[dict, dict]:
+    """What the headline says of the data and the models, from prepare.json, segment.json and features.json."""
+    def read(path: Path) -> dict:
+        return read_json(path) if path.exists() else {}
+
+    prepare, segment, features = read(paths.prepare_summary), read(paths.segment_summary), read(paths.features_summary)
+    counts = prepare.get("counts", {"train": {}, "test": {}})
+    names = [c["name"] for c in prepare.get("classes", [])] or sorted(set(counts["train"]) | set(counts["test"]))
+    dataset = {"name": spec.name, "images": prepare.get("images"),
+               "train_images": sum(counts["train"].values()) - metrics_images.get("train_images_left_out", 0),
+               "test_images": metrics_images["test_images"],
+               "classes": [{"name": n, "train": counts["train"].get(n, 0), "test": counts["test"].get(n, 0)} for n in names]}
+    encoder = features.get("encoder", {})
+    segmenter, model = segment.get("spec", {}), segment.get("spec", {}).get("model", {})
+    segmenter_random = bool(segment.get("random_init"))
+    models = {
+        "encoder": {"name": encoder.get("model"), "weights": features.get("weights_source"), "sha256": encoder.get("weights_sha256"),
+                    "random_init": bool(random_init or features.get("random_init"))},
+        "segmenter": {"name": segmenter.get("backend"), "policy": segment.get("policy"), "sha256": model.get("weights_sha256"),
+                      "weights": RANDOM_INIT if segmenter_random else f"pretrained: {model.get('name')}",
+                      "random_init": segmenter_random},
+    }
+    return dataset, models
+
+
 def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True) -> dict:
     started = time.perf_counter()
     runs, identity = run_protocol(spec, params, paths, progress)
@@ -253,13 +321,13 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
     out = paths.evaluation_dir
     out.mkdir(parents=True, exist_ok=True)
     write_runs_csv(runs, paths.runs_csv)
-    _write_plot_csv(table, out / "accuracy_vs_fraction.csv")
     title = f"{spec.name}: test accuracy vs training fraction"
-    plot_accuracy_vs_fraction(aggregated, out / "accuracy_vs_fraction.png", title, ", ".join(weights_sources))
+    plot_accuracy_vs_fraction(aggregated, out / "accuracy_vs_fraction.png", title, ", ".join(weights_sources),
+                              random_init=random_init)
     shown, chosen_by = confusion_run(runs, params)
     plot_confusion_matrix(shown["confusion_matrix"], shown["class_names"], out / "confusion_matrix.png",
                           f"{spec.name}: {shown['method']} ({shown['mode']}), {_subset_label(shown['fraction'], shown['shots'])}, "
-                          f"seed {shown['seed']}\nchosen in advance: {chosen_by}" + (f" — {RANDOM_INIT}" if random_init else ""))
+                          f"seed {shown['seed']}\nchosen in advance: {chosen_by}" + (f"\n{RANDOM_INIT}" if random_init else ""))
     metrics = {
         "dataset": spec.name,
         "weights_source": weights_sources[0] if len(weights_sources) == 1 else weights_sources,
@@ -280,6 +348,21 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
         "seconds": round(time.perf_counter() - started, 2),
         "versions": package_versions(),
     }
+    dataset, models = _facts(spec, paths, identity["images"], random_init)
+    chosen = {key: shown[key] for key in ("method", "mode", "fraction", "shots")}
+    chosen["chosen_by"] = ("params.yaml's train.method/train.mode, the head that medfocus train fits"
+                           if (shown["method"], shown["mode"]) == (params.train.method, params.train.mode) else
+                           f"train.method/train.mode {params.train.method}/{params.train.mode} not evaluated: the first evaluated "
+                           "method/mode")
+    metrics["summary"] = summarize(table, runs, dataset=dataset, models=models, paper=metrics["paper"],
+                                   paper_datasets=paper_datasets(), chosen=chosen, roi_quality=roi_quality(spec, params, paths),
+                                   methods=list(params.evaluate.methods), modes=list(params.evaluate.modes),
+                                   skipped=identity["skipped"])
+    # For `dvc plots`: one line per row of the compact table (a global-embedding method's dual row, the same numbers as
+    # its none row, is left out), and the ROI's effect per training fraction.
+    merged = set(metrics["summary"]["table"]["merged"])
+    _write_plot_csv([row for row in table if not (row["method"] in merged and row["mode"] == "dual")], out / "accuracy_vs_fraction.csv")
+    _write_roi_effect_csv(metrics["summary"]["roi_effect"], out / "roi_effect.csv")
     write_json(out / "aggregated.json", aggregated)
     write_json(paths.metrics, metrics)
     return metrics

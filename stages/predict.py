@@ -12,20 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from medfocus.pipeline.config import Params
+from medfocus.pipeline.current_stores import current_feature_store, resolve_features_for
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.encoders import ImageEncoder
+from medfocus.pipeline.featurize import encoder_view, image_features, shared_encoder
 from medfocus.pipeline.images import file_sha256, load_image
 from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.preparation import load_prepared
+from medfocus.pipeline.trained_heads import HeadRequest, load_head
+from medfocus.pipeline.worker_models import shared_segmenter
 from medfocus.trainer import FeatureSet, fusion_attention
 from medfocus.trainer.plots import plot_attention_overlay
-
-from .common import load_prepared
-from .features import encoder_view, image_features, shared_encoder
-from .segment import shared_segmenter
-from .stores import current_feature_store, resolve_features_for
-from .train import load_trained, model_path
 
 
 def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list[Path], model_file: Path | None = None) -> list[dict]:
@@ -34,15 +32,12 @@ def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     settings = params.train
     prepared = load_prepared(spec, params, paths, progress=False)
-    shots = settings.shots
-    fraction = None if shots is not None else settings.fraction
-    model_file = model_file or model_path(paths, settings.method, settings.mode, fraction, shots, settings.seed)
     mode = settings.mode
-    # The head must come from the store today's settings make (load_trained refuses another store's head), and the
-    # features below are made by the same spec: same encoder and weights, segmenter, steering and stored precision.
+    # The head must come from the store today's settings make (load_head refuses another store's or settings' head),
+    # and the features below are made by the same spec: same encoder and weights, segmenter, steering and precision.
     store = current_feature_store(spec, params, paths, mode, prepared)
-    model = load_trained(model_file, store, prepared.class_names)
-    features_spec = resolve_features_for(spec, params, prepared, [mode])
+    model, model_file = load_head(paths, HeadRequest.from_settings(settings), store, settings, prepared, model_file)
+    features_spec = resolve_features_for(spec, params, prepared, [mode], paths)
     store_spec = features_spec.stores[mode]
     encoder: ImageEncoder = shared_encoder(features_spec.encoder.build)
     segmenter = shared_segmenter(features_spec.segment.build_options) if store_spec.mask_store_key else None

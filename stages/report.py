@@ -1,9 +1,12 @@
 """The report stage: one HTML page per dataset, ``cache/<dataset>/report/index.html``, with its pictures beside it.
 
-It shows the results table next to the paper's numbers, the accuracy-vs-fraction plot, the confusion matrix, a
-gallery of the ROIs the segmenter chose, the fusion attention of the trained head on test images, and the
-provenance of every number: where the weights came from (a loud red banner when any model is random-init), the
-model, package versions, params and the keys of the stores the results were read from. It only reads what the
+It opens with the answer (rendered from ``metrics.json["summary"]`` by :mod:`medfocus.pipeline.results_summary`, like
+the terminal summary): the data, the models, the ROI's quality and three sentences (the best method at 5 % with its
+interval, the ROI's effect per training subset, the paper), then one compact table and the per-class results of the
+method fixed in advance. Then every row next to the paper's numbers (folded), the accuracy-vs-fraction plot, the
+confusion matrix, a gallery of the ROIs the segmenter chose, the fusion attention of the trained head on test
+images, and the provenance of every number: where the weights came from (a loud red banner when any model is
+random-init), the model, package versions, params and the keys of the stores the results were read from. It only reads what the
 earlier stages wrote; it runs no segmenter and no encoder. ``cache/<dataset>/report.json`` holds the headline
 numbers in a flat form for ``dvc metrics``.
 """
@@ -17,22 +20,32 @@ import shutil
 from pathlib import Path
 
 import yaml
-
+from medfocus.pipeline.cached_features import load_cached_features
 from medfocus.pipeline.config import Params
-from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.current_stores import current_feature_store, current_mask_store, resolve_features_for
+from medfocus.pipeline.datasets import DatasetSpec, class_file_key
+from medfocus.pipeline.featurize import encoder_view, shared_encoder, steer
+from medfocus.pipeline.gallery import pick_examples, write_gallery, write_near_duplicate_gallery
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.manifest import write_atomic, write_json
+from medfocus.pipeline.paper import paper_datasets, paper_results
 from medfocus.pipeline.paths import DatasetPaths, read_json
+from medfocus.pipeline.preparation import PreparedDataset, load_prepared
 from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
-from medfocus.trainer import fusion_attention
+from medfocus.pipeline.results_summary import (
+    MODE_ORDER,
+    RANDOM_INIT_HEADLINE,
+    cell_text,
+    context_lines,
+    flat_headline,
+    headline,
+    pct,
+    signed,
+)
+from medfocus.pipeline.stage_outputs import run_file
+from medfocus.pipeline.trained_heads import HeadRequest, load_head
+from medfocus.trainer import METHODS, fusion_attention
 from medfocus.trainer.plots import plot_attention_overlay
-
-from .common import PreparedDataset, load_prepared, run_file
-from .evaluate import paper_datasets, paper_results
-from .features import encoder_view, shared_encoder, steer
-from .gallery import pick_examples, write_gallery, write_near_duplicate_gallery
-from .stores import current_feature_store, current_mask_store, resolve_features_for
-from .train import load_cached_features, load_trained, model_path
 
 REPORT_PAGE = "index.html"
 ACCURACY_PLOT = "accuracy_vs_fraction.png"
@@ -81,11 +94,9 @@ def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, param
     settings = params.train
     store = current_feature_store(spec, params, paths, settings.mode)
     cached = load_cached_features(prepared, store)
-    shots = settings.shots
-    fraction = None if shots is not None else settings.fraction
-    head_file = model_path(paths, settings.method, settings.mode, fraction, shots, settings.seed)
-    model = load_trained(head_file, store, prepared.class_names)
-    features_spec = resolve_features_for(spec, params, prepared, [settings.mode])
+    request = HeadRequest.from_settings(settings)
+    model, head_file = load_head(paths, request, store, settings, prepared)
+    features_spec = resolve_features_for(spec, params, prepared, [settings.mode], paths)
     store_spec = features_spec.stores[settings.mode]
     encoder = shared_encoder(features_spec.encoder.build)
     steering = store_spec.content["steering"]
@@ -110,14 +121,14 @@ def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, param
         steered, _ = steer(image, roi, labels, settings.mode, steering, encoder)
         view = encoder_view(encoder, steered)
         predicted_name = prepared.class_names[predicted]
-        name = f"attention_{number}_{entry.label}.png"
+        name = f"attention_{number}_{class_file_key(entry.label)}.png"  # a class name may hold any letter
         title = (f"true {entry.label}, predicted {predicted_name} ({100 * float(probabilities[predicted]):.1f}%) — "
                  f"{model.method}/{settings.mode}, {panel}, encoder {cached.weights_source}")
         plot_attention_overlay(view, roi_weights, attention, out_dir / name, title, grid=encoder.grid)
         records.append({"file": name, "image": entry.path, "true": entry.label, "predicted": predicted_name,
                         "probability": round(float(probabilities[predicted]), 4)})
     head = {"file": str(head_file), "method": model.method, "mode": settings.mode,
-            "subset": subset_label(fraction, shots), "seed": settings.seed, "feature_store_key": cached.store_key,
+            "subset": subset_label(request.fraction, request.shots), "seed": settings.seed, "feature_store_key": cached.store_key,
             "lambda": model.config.lambda_, "epochs": model.config.epochs}
     return records, head
 
@@ -127,13 +138,14 @@ def _e(value) -> str:
     return html.escape(str(value))
 
 
-def _table(header: list[str], rows: list[list], classes: list[str] | None = None) -> str:
+def _table(header: list[str], rows: list[list], classes: list[str] | None = None, table_class: str | None = None) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for index, row in enumerate(rows):
         css = f' class="{classes[index]}"' if classes and classes[index] else ""
         body.append(f"<tr{css}>" + "".join(f"<td>{_e('—' if v is None else v)}</td>" for v in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f'<table class="{table_class}">' if table_class else "<table>"
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _figure(file: str, caption: str) -> str:
@@ -179,15 +191,22 @@ def _left_out_note(metrics: dict) -> str:
 
 
 def results_section(metrics: dict, dataset: str) -> str:
-    """The results table of ``metrics.json`` beside the authors' table for ``dataset`` (or why there is none)."""
+    """Every row of ``metrics.json`` (accuracy with its interval, balanced accuracy, macro-F1, AUROC, sensitivity per
+    class) beside the authors' table for ``dataset`` (or why there is none), folded under a ``<details>``: the
+    headline and the compact table come first. The encoder's weights get a column only when rows differ in them."""
+    sources = sorted({str(r.get("weights_source")) for r in metrics["results"]})
+    class_names = list(dict.fromkeys(name for r in metrics["results"] for name in r.get("sensitivity", {})))
     rows, classes = [], []
-    for r in metrics["results"]:
+    for r in sorted(metrics["results"], key=_row_order):
         rows.append([r["method"], r["mode"], subset_label(r["fraction"], r["shots"]),
                      f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", _ci(r), _percent(r["balanced_accuracy"]),
-                     _percent(r["macro_f1"]), _percent(r["auroc"]), r["seeds"], r["weights_source"]])
+                     _percent(r["macro_f1"]), _percent(r["auroc"]),
+                     *(_percent(r.get("sensitivity", {}).get(name)) for name in class_names), r["seeds"],
+                     *([r["weights_source"]] if len(sources) > 1 else [])])
         classes.append("paper-point" if r["fraction"] == PAPER_FRACTION else "")
     ours = _table(["method", "ROI mode", "training subset", "accuracy % (mean ± std over seeds)", "95 % CI (bootstrap)",
-                   "balanced acc. %", "macro-F1 %", "AUROC %", "seeds", "encoder weights"], rows, classes)
+                   "balanced acc. %", "macro-F1 %", "AUROC %", *(f"sensitivity {name} %" for name in class_names), "seeds",
+                   *(["encoder weights"] if len(sources) > 1 else [])], rows, classes, table_class="full")
 
     paper = paper_results(dataset)
     if paper:
@@ -203,10 +222,99 @@ def results_section(metrics: dict, dataset: str) -> str:
     else:
         covered = ", ".join(paper_datasets())
         side = f"<p>The paper (MedFocusCLIP, Arora &amp; Namboodiri) reports no numbers for <code>{_e(dataset)}</code>; it covers {_e(covered)}.</p>"
-    return (f'<h2>Results</h2><p>Test accuracy on {_e(metrics["test_images"])} held-out images: mean ± std over seeds, and '
+    weights = f" Encoder weights of every row: <code>{_e(sources[0])}</code>." if len(sources) == 1 else ""
+    return (f'<details id="all-results"><summary>All results: every method × ROI mode × training subset, with balanced '
+            f'accuracy, macro-F1, AUROC and sensitivity per class ({len(metrics["results"])} rows; also in '
+            f'<code>metrics.json</code> and <code>evaluation/runs.csv</code>)</summary>'
+            f'<p>Test accuracy on {_e(metrics["test_images"])} held-out images: mean ± std over seeds, and '
             f'the 95% bootstrap interval over the test images of the seed-mean accuracy; rows at 5% (the paper\'s protocol '
-            f'point) are highlighted.{_e(_left_out_note(metrics))}</p><div class="side-by-side"><div>{ours}</div>'
-            f'<div class="paper"><h3>The paper\'s numbers</h3>{side}</div></div>')
+            f'point) are highlighted.{_e(_left_out_note(metrics))}{weights}</p>{ours}'
+            f'<div class="paper"><h3>The paper\'s numbers</h3>{side}</div></details>')
+
+
+def _row_order(row: dict) -> tuple:
+    """The trainer's methods in their order, the whole image first, then the training subsets in order."""
+    method_rank = METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS)
+    mode_rank = MODE_ORDER.index(row["mode"]) if row["mode"] in MODE_ORDER else len(MODE_ORDER)
+    return (method_rank, row["method"], mode_rank, row["mode"], row["fraction"] is None, row["fraction"] or 0.0, row["shots"] or 0)
+
+
+# ---------------------------------------------------------------------------------------------------- the answer first
+def headline_section(summary: dict) -> str:
+    """Data, models and ROI quality, then the headline sentences (:func:`~medfocus.pipeline.results_summary.headline`)."""
+    facts = "".join(f"<dt>{_e(what)}</dt><dd>{_e(text)}</dd>" for what, text in context_lines(summary))
+    sentences = headline(summary)
+    warning = f'<p class="warn">{_e(sentences.pop(0))}</p>' if sentences[0].startswith(RANDOM_INIT_HEADLINE) else ""
+    items = "".join(f"<li>{_e(sentence)}</li>" for sentence in sentences)
+    return f'<section class="headline" id="headline">{warning}<dl class="facts">{facts}</dl><ol class="findings">{items}</ol></section>'
+
+
+def compact_section(summary: dict) -> str:
+    """One row per method (ROI mode where it matters), one column per training subset, mean ± std, the best per column
+    in bold; the paper's lines below; then the ROI's effect per subset."""
+    table = summary["table"]
+    columns = table["columns"]
+    point = summary["protocol_point"]["column"]
+    head = "<th>method</th>" + "".join(f'<th class="point">{_e(c)}</th>' if c == point else f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for row in table["rows"]:
+        cells = []
+        for column in columns:
+            cell = row["cells"].get(column)
+            ci = cell and cell.get("ci95")
+            title = f' title="95 % CI {pct(ci[0])}–{pct(ci[1])}"' if ci else ""
+            text = _e(cell_text(cell).removesuffix(" *"))
+            cells.append(f'<td class="best"{title}><strong>{text}</strong></td>' if cell and cell["best"] else f"<td{title}>{text}</td>")
+        css = ' class="roi"' if row["uses_roi"] else ""
+        body.append(f"<tr{css}><th>{_e(row['label'])}</th>{''.join(cells)}</tr>")
+    for row in summary["paper_rows"]:
+        body.append(f'<tr class="paper-row"><th>{_e(row["label"])}</th>'
+                    + "".join(f"<td>{_e(pct(row['cells'].get(c)))}</td>" for c in columns) + "</tr>")
+    seeds = sorted({cell["seeds"] for row in table["rows"] for cell in row["cells"].values() if cell.get("seeds")})
+    merged = (f" {_e(', '.join(table['merged']))} read the global embedding, which is the whole image's in modes none "
+              "and dual alike: their identical rows are shown once." if table["merged"] else "")
+    merged += "".join(f" Not run: {_e(method)} ({_e(reason)})." for method, reason in summary.get("not_run", {}).items())
+    notes = (f"<p class=\"note\">Test accuracy %, mean ± std over {_e('/'.join(map(str, seeds)))} seed(s); "
+             f"<strong>bold</strong>: the best in its column; hover a cell for its 95 % interval; shaded rows use the ROI."
+             f"{merged} Every row, with balanced accuracy, macro-F1, AUROC and per-class sensitivity, is under "
+             "<a href=\"#all-results\">All results</a>.</p>")
+    return (f'<h2 id="results">Results at a glance</h2><table class="compact"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>{notes}{_roi_effect_table(summary)}")
+
+
+def _roi_effect_table(summary: dict) -> str:
+    effect = summary["roi_effect"]
+    if effect["why"] or not effect["by_column"]:
+        return f"<h3>The ROI's effect</h3><p>Not measured: {_e(effect['why'] or 'no subset has both kinds of row')}.</p>"
+    rows = [[e["column"], e["roi"]["label"], pct(e["roi"]["accuracy"]), e["whole"]["label"], pct(e["whole"]["accuracy"]),
+             signed(e["difference"]), "—" if e["ci95"] is None else f"{signed(e['ci95'][0])} to {signed(e['ci95'][1])}",
+             {"helps": "the ROI helps", "hurts": "the ROI hurts", "unclear": "no clear difference"}[e["verdict"]]]
+            for e in effect["by_column"]]
+    return ("<h3>The ROI's effect</h3>" + _table(["training subset", "best row with the ROI", "accuracy %",
+                                                  "best whole-image row", "accuracy %", "difference (points)", "95 % CI",
+                                                  "verdict"], rows, table_class="effect")
+            + f"<p class=\"note\">Interval: {_e(effect['interval'])}; “helps” or “hurts” when it excludes 0.</p>")
+
+
+def per_class_section(summary: dict) -> str:
+    """Sensitivity and specificity per class of the row fixed in advance, and its confusion matrix summed over seeds."""
+    classes = summary.get("per_class")
+    if not classes:
+        return ""
+    label = f"{classes['method']} ({'ROI: ' + classes['mode'] if classes['mode'] != 'none' else 'whole image'})"
+    rows = [[c["name"], c["test_images"], f"{pct(c['sensitivity']['mean'])} ± {pct(c['sensitivity']['std'])}",
+             f"{pct(c['specificity']['mean'])} ± {pct(c['specificity']['std'])}"] for c in classes["classes"]]
+    names = classes["class_names"]
+    matrix = _table(["true \\ predicted", *names], [[name, *counts] for name, counts in zip(names, classes["confusion_matrix_summed"])],
+                    table_class="numbers")
+    seeds = len(classes["seeds"])
+    return (f'<h2 id="per-class">Per class: {_e(label)} at {_e(classes["column"])}</h2>'
+            f"<p>The method shown here was fixed before any result: {_e(classes['chosen_by'])} — not the best row above. "
+            f"Sensitivity (true-positive rate) and specificity (true-negative rate), one class against the others, mean ± std "
+            f"over {seeds} seed(s).</p><div class=\"side-by-side\"><div>"
+            + _table(["class", "test images", "sensitivity %", "specificity %"], rows, table_class="numbers")
+            + f"</div><div><p class=\"note\">Confusion matrix, summed over the {seeds} seed(s) (every seed classifies the "
+            f"same test images):</p>{matrix}</div></div>")
 
 
 def _versions_table(columns: dict[str, dict]) -> str:
@@ -261,7 +369,7 @@ def _provenance_section(info: dict) -> str:
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 .banner { background: #c00; color: #fff; font-size: 1.3em; padding: 1em; border: 4px solid #700; margin: 1em 0; }
-.banner code { color: #fff; }
+.banner code { color: #fff; background: transparent; font-size: 1em; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
@@ -272,6 +380,25 @@ figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; }
 pre, code { font-size: 0.8em; background: #f7f7f7; word-break: break-all; white-space: pre-wrap; }
+.headline { border: 1px solid #bbb; border-left: 6px solid #2a6; padding: 0.6em 1.2em; margin: 1em 0; background: #f8fbf9; }
+.headline .facts { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; margin: 0.3em 0; }
+.headline dt { font-weight: bold; color: #555; }
+.headline dd { margin: 0; }
+.findings li { font-size: 1.1em; margin: 0.45em 0; line-height: 1.4; }
+.headline .warn { color: #b00; font-weight: bold; font-size: 1.15em; }
+table.compact th, table.compact td { text-align: right; white-space: nowrap; }
+table.compact tbody th, table.compact thead th:first-child { text-align: left; }
+table.compact tbody th { background: none; font-weight: normal; }
+table.compact th.point { background: #fff0b3; }
+table.compact td.best { background: #dff3e4; }
+table.compact tr.roi { background: #f4f8ff; }
+table.compact tr.paper-row { color: #555; font-style: italic; border-top: 2px solid #888; }
+.note { font-size: 0.85em; color: #555; }
+table.full td { white-space: nowrap; }
+table.numbers td:not(:first-child), table.effect td:nth-child(3), table.effect td:nth-child(5),
+table.effect td:nth-child(6), table.effect td:nth-child(7) { text-align: right; }
+details { margin: 1em 0; }
+details > summary { cursor: pointer; font-weight: bold; font-size: 1.1em; }
 """
 
 
@@ -291,6 +418,7 @@ def render_page(dataset: str, info: dict) -> str:
     random_parts = info["random_init_parts"]
     weights = info["features"].get("weights_source")
     title = f"medfocus report: {dataset}" + (f" ({RANDOM_INIT})" if random_parts else "")
+    summary = info["metrics"].get("summary")
     figures = [_figure(ACCURACY_PLOT, "Test accuracy against training fraction (mean ± std over seeds)"),
                _figure(CONFUSION_PLOT, "Confusion matrix of train.method/train.mode at the largest fraction, first seed (fixed in advance, not the best run)")]
     overlays = [_figure(o["file"], f"{o['image']}: true {o['true']}, predicted {o['predicted']} ({100 * o['probability']:.1f}%)")
@@ -299,9 +427,11 @@ def render_page(dataset: str, info: dict) -> str:
         f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         _banner(random_parts),
-        f"<p>Encoder <code>{_e(info['features'].get('encoder', {}).get('model'))}</code>, weights <code>{_e(weights)}</code>; "
-        f"segmenter <code>{_e(info['segment'].get('spec', {}).get('backend'))}</code> with ROI policy "
-        f"<code>{_e(info['segment'].get('policy'))}</code>.</p>",
+        *(_answer_first(summary) if summary else [
+            f"<p>Encoder <code>{_e(info['features'].get('encoder', {}).get('model'))}</code>, weights <code>{_e(weights)}</code>; "
+            f"segmenter <code>{_e(info['segment'].get('spec', {}).get('backend'))}</code> with ROI policy "
+            f"<code>{_e(info['segment'].get('policy'))}</code>. This metrics.json has no summary: rerun "
+            "<code>medfocus evaluate</code> for the headline.</p>"]),
         results_section(info["metrics"], dataset),
         "<h2>Plots</h2>", *figures,
         "<h2>Regions of interest</h2><p>Every mask the segmenter found, with the chosen ROI outlined.</p>",
@@ -315,11 +445,19 @@ def render_page(dataset: str, info: dict) -> str:
     ])
 
 
+def _answer_first(summary: dict) -> list[str]:
+    return [headline_section(summary), compact_section(summary), per_class_section(summary)]
+
+
 # ---------------------------------------------------------------------------------------------------- stage
 def headline_accuracy(metrics: dict) -> dict[str, dict[str, float]]:
-    """{"method/mode": {"5%": accuracy, ...}}: the flat form `dvc metrics show` and `dvc metrics diff` print."""
+    """{"method/mode": {"5%": accuracy, ...}}: the flat form `dvc metrics show` and `dvc metrics diff` print (a
+    global-embedding method's dual row, the same numbers as its none row, left out as in the compact table)."""
+    merged = set(metrics.get("summary", {}).get("table", {}).get("merged", []))
     table: dict[str, dict[str, float]] = {}
     for row in metrics["results"]:
+        if row["method"] in merged and row["mode"] == "dual":
+            continue
         table.setdefault(f"{row['method']}/{row['mode']}", {})[subset_label(row["fraction"], row["shots"])] = row["accuracy"]
     return table
 
@@ -371,6 +509,7 @@ def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
         "random_init": bool(random_parts),
         **({"warning": f"{RANDOM_INIT}: {' and '.join(random_parts)} without pretrained weights; not real results"} if random_parts else {}),
         "test_images": metrics["test_images"],
+        **({"headline": flat_headline(metrics["summary"])} if "summary" in metrics else {}),
         "accuracy": headline_accuracy(metrics),
         "paper": metrics.get("paper"),
         "images": sorted(p.name for p in out_dir.glob("*.png")),

@@ -14,25 +14,18 @@ from __future__ import annotations
 import logging
 
 from medfocus.pipeline.config import Params
+from medfocus.pipeline.current_stores import resolve_specs
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.manifest import write_json
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.pipeline.specs import resolve_segment
-
-from .common import load_prepared
-from .stores import resolve_features_for
+from medfocus.pipeline.preparation import load_prepared
 
 log = logging.getLogger(__name__)
 
 
 def resolve(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     prepared = load_prepared(dataset, params, paths, progress=False)
-    segment = resolve_segment(params.segment, dataset.name)
-    features = resolve_features_for(dataset, params, prepared, list(params.features.modes))
+    segment, features = resolve_specs(dataset, params, paths, prepared)
     if features.encoder.note:
         log.info("%s", features.encoder.note)
-    segment_content = {"key": segment.key, "spec": segment.content}
-    write_json(paths.segment_spec, segment_content)
-    write_json(paths.features_spec, features.content())
     return {"segment": segment.key, "features": {mode: store.key for mode, store in features.stores.items()},
             "encoder": features.encoder.identity["model"], "weights_source": features.encoder.weights_source}

@@ -15,31 +15,17 @@ from __future__ import annotations
 import logging
 
 from medfocus.pipeline.config import Params
+from medfocus.pipeline.current_stores import current_segment_spec, mask_store_url
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.preparation import PreparedDataset, load_manifest_image, load_prepared
 from medfocus.pipeline.provenance import package_versions
 from medfocus.pipeline.runner import Outcome, WorkItem, run_incremental
-from medfocus.pipeline.segmenters import create_segmenter
-from medfocus.pipeline.specs import resolve_segment
-from medfocus.pipeline.store import MaskStore, canonical_json
-
-from .common import (
-    PreparedDataset,
-    check_same_model,
-    load_manifest_image,
-    load_prepared,
-    per_thread_model,
-    set_torch_threads,
-    write_stage_outputs,
-)
-from .stores import mask_store_url
+from medfocus.pipeline.stage_outputs import write_stage_outputs
+from medfocus.pipeline.store import MaskStore
+from medfocus.pipeline.worker_models import check_same_model, set_torch_threads, shared_segmenter
 
 log = logging.getLogger(__name__)
-
-
-def shared_segmenter(build_options: dict):
-    """The segmenter for resolved options, one per thread (the driver's is reused by work that runs in its thread)."""
-    return per_thread_model("segmenter:" + canonical_json(build_options), lambda: create_segmenter(**build_options))
 
 
 def _segment_chunk(items: list[WorkItem], context: dict) -> list[Outcome]:
@@ -69,7 +55,7 @@ def segment(dataset: DatasetSpec, params: Params, paths: DatasetPaths, progress:
     """Segment what is not in the store yet; write ``segment.json`` and ``segment.run.json``; return both merged."""
     prepared: PreparedDataset = load_prepared(dataset, params, paths, progress=progress)
     settings = params.segment
-    spec = resolve_segment(settings, dataset.name)
+    spec = current_segment_spec(dataset, params, paths)
     if spec.random_init:
         log.warning("RANDOM-INIT SEGMENTER: the masks of %s come from a segmenter without trained weights", dataset.name)
     store = MaskStore.create(mask_store_url(paths, spec, params), spec.key, spec.content,

@@ -1,159 +1,34 @@
-"""The train stage: a trainer head fitted on the cached features of one training subset, saved with its provenance.
+"""The train stage: a trainer head fitted on the cached features of one training subset, saved with its provenance
+under a key of everything that determines it (pipeline.trained_heads).
 
 The trainer reads tensors from the feature stores only; it never runs a segmenter or an encoder.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import torch
-
+from medfocus.pipeline.cached_features import load_cached_features, subset_hashes
 from medfocus.pipeline.config import Params
+from medfocus.pipeline.current_stores import current_feature_store
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.manifest import DatasetError
-from medfocus.pipeline.paths import DatasetPaths, read_json
-from medfocus.pipeline.store import ImageStore
-from medfocus.trainer import ClassText, FeatureSet, FittedModel, compute_metrics, fit
-
-from .common import PreparedDataset, load_prepared
-from .stores import current_feature_store
-
-log = logging.getLogger(__name__)
-
-
-class FeaturesMissingError(FileNotFoundError):
-    """No feature store for the requested mode and the current feature settings."""
-
-
-@dataclass
-class CachedFeatures:
-    """All images of a dataset from one feature store, with its identity (what a trained head must match)."""
-
-    mode: str
-    store_key: str
-    weights_source: str
-    encoder: dict
-    features: FeatureSet
-    text: ClassText
-    splits: dict[str, list[int]]  # "train"/"test" -> row indices into features
-
-    def rows(self, hashes: list[str]) -> list[int]:
-        index = {h: i for i, h in enumerate(self.features.hashes)}
-        missing = [h for h in hashes if h not in index]
-        if missing:
-            raise FeaturesMissingError(
-                f"{len(missing)} image(s) of this subset have no features in store {self.store_key} "
-                "(they failed in the segment or features stage; see segment.json / features.json)"
-            )
-        return [index[h] for h in hashes]
-
-    def identity(self) -> dict:
-        return feature_identity({"key": self.store_key, "spec": {"mode": self.mode, "encoder": self.encoder},
-                                 "provenance": {"weights_source": self.weights_source}})
-
-
-def feature_identity(store_attrs: dict) -> dict:
-    """What a trained head must match, from a feature store's attributes: its key, mode, weights and encoder."""
-    return {"feature_store_key": store_attrs["key"], "mode": store_attrs["spec"]["mode"],
-            "weights_source": store_attrs["provenance"]["weights_source"],
-            "encoder_model": store_attrs["spec"]["encoder"].get("model")}
-
-
-def _class_text(store: ImageStore, class_names: list[str]) -> ClassText:
-    if not store.has_shared("text"):
-        return ClassText(class_names, None)
-    embeddings, attrs = store.read_shared("text")
-    if attrs["class_names"] != class_names:
-        raise DatasetError(f"the feature store's classes {attrs['class_names']} differ from the dataset's {class_names}: rerun features")
-    rows = [np.flatnonzero(np.asarray(attrs["class_index"]) == c) for c in range(len(class_names))]
-    templates = max(len(r) for r in rows)
-    # Classes with fewer prompts repeat theirs cyclically, so every class has the same T and the same weight per prompt set.
-    stacked = np.stack([embeddings[np.resize(r, templates)] for r in rows])
-    return ClassText(class_names, torch.from_numpy(stacked))
-
-
-ROI_VIEW_ARRAY = "roi_global"  # per-image array of the ROI view's embedding, in stores of mode "dual"
-
-
-def load_cached_features(prepared: PreparedDataset, store: ImageStore, only: set[str] | None = None) -> CachedFeatures:
-    """Every manifest image that has features in ``store`` (failed images are left out and logged), or of those only
-    the images whose hash is in ``only``. The ROI view (``roi_global``) is read when the store holds it."""
-    class_index = {name: i for i, name in enumerate(prepared.class_names)}
-    done = store.done([e.hash for e in prepared.entries])
-    entries = [e for e in prepared.entries if e.hash in done]
-    if len(entries) < len(prepared.entries):
-        log.warning("%d image(s) of %s have no features in %s and are left out", len(prepared.entries) - len(entries), prepared.name, store.url)
-    if only is not None:
-        entries = [e for e in entries if e.hash in only]
-    if not entries:
-        raise FeaturesMissingError(f"the feature store {store.url} holds no image of {prepared.name}: run `medfocus features`")
-    columns: dict[str, list[np.ndarray]] = {"global": [], "patches": [], "roi_weights": []}
-    first, _ = store.read_image(entries[0].hash)
-    if ROI_VIEW_ARRAY in first:
-        columns[ROI_VIEW_ARRAY] = []
-    for entry in entries:
-        arrays, _ = store.read_image(entry.hash, tuple(columns))
-        for name in columns:
-            columns[name].append(arrays[name])
-
-    def stacked(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack(columns[name]).astype(np.float32))
-
-    features = FeatureSet(
-        global_emb=stacked("global"),
-        patch_tokens=stacked("patches"),
-        roi_weights=stacked("roi_weights"),
-        labels=torch.tensor([class_index[e.label] for e in entries]),
-        hashes=[e.hash for e in entries],
-        roi_global=stacked(ROI_VIEW_ARRAY) if ROI_VIEW_ARRAY in columns else None,
-    )
-    attrs = store.attrs
-    splits = {split: [i for i, e in enumerate(entries) if e.split == split] for split in ("train", "test")}
-    return CachedFeatures(attrs["spec"]["mode"], attrs["key"], attrs["provenance"]["weights_source"], attrs["spec"]["encoder"],
-                          features, _class_text(store, prepared.class_names), splits)
-
-
-def subset_hashes(paths: DatasetPaths, fraction: float | None, shots: int | None, seed: int) -> list[str]:
-    subsets = read_json(paths.splits)
-    kind, value = ("shots", str(shots)) if shots is not None else ("fraction", f"{fraction:g}")
-    try:
-        return subsets[kind][value][str(seed)]
-    except KeyError:
-        available = {k: sorted(v) for k, v in subsets.items()}
-        raise DatasetError(
-            f"no training subset {kind}={value} seed={seed}; prepared subsets: {available} (change prepare.fractions/shots/subset_seeds)"
-        ) from None
-
-
-def model_path(paths: DatasetPaths, method: str, mode: str, fraction: float | None, shots: int | None, seed: int) -> Path:
-    subset = f"shots{shots}" if shots is not None else f"frac{fraction:g}"
-    return paths.models_dir / f"{method}-{mode}-{subset}-seed{seed}.pt"
+from medfocus.pipeline.paths import DatasetPaths
+from medfocus.pipeline.preparation import load_prepared
+from medfocus.pipeline.trained_heads import HeadRequest, save_head
+from medfocus.trainer import compute_metrics, fit
 
 
 def train(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     """Fit ``params.train`` on its subset, save the head, report its test metrics."""
     settings = params.train
+    request = HeadRequest.from_settings(settings)
     prepared = load_prepared(spec, params, paths, progress=False)
+    prepared.require_two_classes()
     cached = load_cached_features(prepared, current_feature_store(spec, params, paths, settings.mode))
-    shots = settings.shots
-    fraction = None if shots is not None else settings.fraction
-    train_rows = cached.rows(subset_hashes(paths, fraction, shots, settings.seed))
+    train_rows = cached.rows(subset_hashes(paths, request.fraction, request.shots, settings.seed))
     model = fit(settings.method, cached.features.subset(train_rows), cached.text, settings.trainer_config(), settings.seed)
-    path = model_path(paths, settings.method, settings.mode, fraction, shots, settings.seed)
-    model.save(path, {**cached.identity(), "dataset": spec.name, "fraction": fraction, "shots": shots, "seed": settings.seed})
+    path = save_head(model, paths, request, cached, settings, prepared)
     test = cached.features.subset(cached.splits["test"])
     metrics = compute_metrics(test.labels, model.predict_proba(test), prepared.class_names) if len(test) else {}
-    return {"model": str(path), "method": settings.method, "mode": settings.mode, "fraction": fraction, "shots": shots,
-            "seed": settings.seed, "n_train": len(train_rows), "weights_source": cached.weights_source,
-            "fit_seconds": round(model.fit_info["fit_seconds"], 3),
+    return {"model": str(path), "method": settings.method, "mode": settings.mode, "fraction": request.fraction,
+            "shots": request.shots, "seed": settings.seed, "n_train": len(train_rows),
+            "weights_source": cached.weights_source, "fit_seconds": round(model.fit_info["fit_seconds"], 3),
             "test": {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in metrics}}
-
-
-def load_trained(path: Path, store: ImageStore, class_names: list[str]) -> FittedModel:
-    """A saved head, refused (naming every difference) unless it was trained on this very feature store and classes."""
-    return FittedModel.load(path, expect={"feature_store_key": store.key, "mode": store.attrs["spec"]["mode"],
-                                          "class_names": class_names})

@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from medfocus.pipeline.cli import app
+from medfocus.stages.cli import app
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -99,3 +99,39 @@ def test_a_bad_option_value_is_one_line_naming_the_key(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "knee", "--root", str(tmp_path), "--cache-dir", str(tmp_path),
                                       "--mode", "halo"])
     assert result.exit_code == 2 and "evaluate.modes" in result.output and "Traceback" not in result.output
+
+
+# --- errors a user can fix: one line, exit 2, no traceback -------------------------------------------------------------
+
+
+def test_a_bad_option_value_names_the_option_not_the_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("prepare: {test_fraction: 0.2}\n")
+    result = CliRunner().invoke(app, ["prepare", "-d", "demo", "--root", str(tmp_path / "data"), "--params",
+                                      str(tmp_path / "params.yaml"), "--cache-dir", str(tmp_path / "cache"),
+                                      "--test-fraction", "1.5"])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "option --test-fraction 1.5" in result.output and "params.yaml" not in result.output
+    # A bad value in the file still names the file and its key.
+    (tmp_path / "params.yaml").write_text("prepare: {test_fraction: 1.5}\n")
+    result = CliRunner().invoke(app, ["prepare", "-d", "demo", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and f"{tmp_path / 'params.yaml'}: prepare.test_fraction = 1.5" in result.output
+
+
+def test_params_pointing_at_a_folder_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["prepare", "-d", "demo", "--params", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output and "Traceback" not in result.output
+
+
+def test_an_unusable_cache_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for number in range(2):
+            Image.new("L", (32, 32), 60 * number + 100 * (name == "b")).save(tmp_path / "data" / name / f"{number}.png")
+    result = CliRunner().invoke(app, ["prepare", "-d", "mine", "--root", str(tmp_path / "data"),
+                                      "--cache-dir", str(blocker / "cache")])
+    assert result.exit_code == 2, result.output
+    assert str(blocker) in result.output and "--cache-dir" in result.output and "Traceback" not in result.output

@@ -267,7 +267,7 @@ def _paths_of(entries: list) -> list[str]:
 def test_dvc_yaml_names_real_commands_code_params_and_output_paths():
     import typer
 
-    from medfocus.pipeline.cli import app
+    from medfocus.stages.cli import app
     from medfocus.pipeline.config import Params
     from medfocus.pipeline.paths import DatasetPaths
     from medfocus.stages.report import report_summary_path
@@ -306,7 +306,7 @@ def test_dvc_yaml_names_real_commands_code_params_and_output_paths():
 def test_demo_data_command_writes_the_demo_once(tmp_path):
     from typer.testing import CliRunner
 
-    from medfocus.pipeline.cli import app
+    from medfocus.stages.cli import app
 
     arguments = ["demo-data", "--root", str(tmp_path / "demo"), "--images-per-class", "2", "--params", str(REPO / "params.yaml")]
     first = CliRunner().invoke(app, arguments)

@@ -7,8 +7,9 @@ import logging
 
 from medfocus.pipeline.config import parse_params
 from medfocus.pipeline.datasets import resolve_dataset
+from medfocus.pipeline.manifest import stratified_test_split
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.stages.common import load_prepared
+from medfocus.pipeline.preparation import load_prepared
 from medfocus.stages.prepare import prepare
 
 from .conftest import write_image
@@ -18,6 +19,17 @@ def _test_counts(prepared) -> dict[str, int]:
     counts: dict[str, int] = {}
     for entry in prepared.entries:
         if entry.split == "test":
+            counts[entry.label] = counts.get(entry.label, 0) + 1
+    return counts
+
+
+def _rule_counts(prepared, test_fraction: float) -> dict[str, int]:
+    """Test images per class that the split rule gives these images at ``test_fraction`` (prepare.seed 0): each
+    image's split is its own hash draw, so the counts are about, not exactly, the fraction."""
+    split, _ = stratified_test_split({entry.hash: entry.label for entry in prepared.entries}, test_fraction, seed=0)
+    counts: dict[str, int] = {}
+    for entry in prepared.entries:
+        if split[entry.hash] == "test":
             counts[entry.label] = counts.get(entry.label, 0) + 1
     return counts
 
@@ -35,18 +47,18 @@ def test_no_manifest_prepares_with_the_params(folder_dataset, tmp_path):
     paths = DatasetPaths("knee", tmp_path / "cache")
     prepared = load_prepared(spec, parse_params({"prepare": {"test_fraction": 0.5}}), paths, progress=False)
     assert paths.manifest.exists()
-    assert _test_counts(prepared) == {"alpha": 3, "beta": 3, "gamma": 3}
+    assert _test_counts(prepared) == _rule_counts(prepared, 0.5) != _rule_counts(prepared, 0.2)
 
 
 def test_an_explicit_prepare_is_kept_when_the_params_differ(folder_dataset, tmp_path, caplog):
     spec, paths = _prepare_explicitly(folder_dataset, tmp_path, test_fraction=0.5)
     manifest_before = paths.manifest.read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="medfocus.stages.common"):
+    with caplog.at_level(logging.WARNING, logger="medfocus.pipeline.preparation"):
         prepared = load_prepared(spec, parse_params({}), paths, progress=False)  # params say test_fraction 0.2
 
     assert paths.manifest.read_bytes() == manifest_before
-    assert _test_counts(prepared) == {"alpha": 3, "beta": 3, "gamma": 3}
+    assert _test_counts(prepared) == _rule_counts(prepared, 0.5) != _rule_counts(prepared, 0.2)
     warning = caplog.text
     assert "prepare.test_fraction=0.5" in warning and "0.2" in warning
     assert "medfocus prepare --dataset knee" in warning
@@ -56,7 +68,7 @@ def test_changed_images_are_prepared_again_with_the_manifests_own_settings(folde
     spec, paths = _prepare_explicitly(folder_dataset, tmp_path, test_fraction=0.5)
     write_image(folder_dataset / "alpha" / "alpha_new.png", seed=999)
 
-    with caplog.at_level(logging.INFO, logger="medfocus.stages.common"):
+    with caplog.at_level(logging.INFO, logger="medfocus.pipeline.preparation"):
         prepared = load_prepared(spec, parse_params({}), paths, progress=False)
 
     assert "image files were added, removed or changed" in caplog.text
@@ -86,8 +98,8 @@ def test_a_manifest_from_before_a_new_prepare_setting_is_not_stale(folder_datase
     paths.prepare_summary.write_text(json.dumps(summary))
     manifest_before = paths.manifest.read_bytes()
 
-    with caplog.at_level(logging.INFO, logger="medfocus.stages.common"):
+    with caplog.at_level(logging.INFO, logger="medfocus.pipeline.preparation"):
         load_prepared(spec, parse_params({}), paths, progress=False)
 
     assert paths.manifest.read_bytes() == manifest_before
-    assert not [record for record in caplog.records if record.name == "medfocus.stages.common"]
+    assert not [record for record in caplog.records if record.name == "medfocus.pipeline.preparation"]

@@ -13,7 +13,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from medfocus.pipeline.cli import app
+from medfocus.stages.cli import app
 
 from .conftest import requires_shared
 

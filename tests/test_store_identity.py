@@ -35,10 +35,10 @@ from medfocus.pipeline.medsam_lite import (
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT
 from medfocus.pipeline import specs
-from medfocus.pipeline.specs import FEATURES_CODE, SEGMENT_CODE, resolve_encoder, resolve_segment
+from medfocus.pipeline.specs import FEATURES_CODE, NOT_CONTENT_CODE, SEGMENT_CODE, resolve_encoder, resolve_segment
 from medfocus.pipeline.store import FeatureStore, MaskStore, StoreMissingError
-from medfocus.stages.common import load_prepared
-from medfocus.stages.stores import TextOutdatedError, current_feature_store, current_mask_store, resolve_features_for
+from medfocus.pipeline.preparation import load_prepared
+from medfocus.pipeline.current_stores import TextOutdatedError, current_feature_store, current_mask_store, resolve_features_for
 
 from .conftest import write_image
 from .test_segment_stage import medfocus, stage_json, write_params
@@ -177,7 +177,7 @@ def test_a_code_change_gives_new_keys(images, tmp_path, monkeypatch):
     prepared = load_prepared(spec, params, paths, progress=False)
 
     def keys() -> tuple[str, dict[str, str]]:
-        features = resolve_features_for(spec, params, prepared, ["none", "overlay"])
+        features = resolve_features_for(spec, params, prepared, ["none", "overlay"], paths)
         return resolve_segment(params.segment, DATASET).key, {mode: s.key for mode, s in features.stores.items()}
 
     segment_key, feature_keys = keys()
@@ -188,7 +188,7 @@ def test_a_code_change_gives_new_keys(images, tmp_path, monkeypatch):
 
     # An edited ROI policy: new masks (old ones not reused), so new features wherever masks steer them.
     policies = code_copy / "pipeline" / "segmenters" / "policies.py"
-    policies.write_text(policies.read_text() + "\n# a change to how the ROI is chosen\n")
+    policies.write_text(policies.read_text() + "\nA_CHANGE_TO_HOW_THE_ROI_IS_CHOSEN = True\n")
     new_segment_key, new_feature_keys = keys()
     assert new_segment_key != segment_key
     assert new_feature_keys["overlay"] != feature_keys["overlay"] and new_feature_keys["none"] == feature_keys["none"]
@@ -198,10 +198,106 @@ def test_a_code_change_gives_new_keys(images, tmp_path, monkeypatch):
 
     # An edited steering step: new features in every mode, the masks stay.
     steering = code_copy / "pipeline" / "encoders" / "steering.py"
-    steering.write_text(steering.read_text() + "\n# a change to how images are steered\n")
+    steering.write_text(steering.read_text() + "\nA_CHANGE_TO_HOW_IMAGES_ARE_STEERED = True\n")
     newest_segment_key, newest_feature_keys = keys()
     assert newest_segment_key == new_segment_key
     assert all(newest_feature_keys[mode] != new_feature_keys[mode] for mode in ("none", "overlay"))
+
+
+def test_comments_docstrings_and_formatting_keep_the_keys(images, tmp_path, monkeypatch):
+    """Tidying code (a comment, a docstring, line breaks) must not re-key every store and rerun hours of segmentation."""
+    params = load_params(params_file(tmp_path, images, features=OPEN_CLIP | {"modes": ["overlay"]}))
+    spec, paths = resolve_dataset(DATASET, None, params), DatasetPaths(DATASET, tmp_path / "cache")
+    prepared = load_prepared(spec, params, paths, progress=False)
+
+    def keys() -> tuple[str, str]:
+        return (resolve_segment(params.segment, DATASET).key,
+                resolve_features_for(spec, params, prepared, ["overlay"], paths).stores["overlay"].key)
+
+    before = keys()
+    code_copy = copy_stage_code(tmp_path / "code")
+    monkeypatch.setattr(specs, "_namespace_folder", lambda part: code_copy / part)
+    policies = code_copy / "pipeline" / "segmenters" / "policies.py"
+    source = policies.read_text()
+    assert source.startswith('"""')
+    tidied = ('"""A reworded docstring.\n\n' + source[3:]).replace(
+        "from __future__ import annotations", "# a comment\nfrom __future__ import annotations  # why, briefly\n\n", 1)
+    policies.write_text(tidied.replace("\n\n\n", "\n\n\n\n"))
+    assert keys() == before
+    policies.write_text(source.replace("from __future__ import annotations", "from __future__ import annotations\nX = 1", 1))
+    assert keys()[0] != before[0]
+
+
+def test_every_module_a_stage_reaches_is_listed():
+    """A module the segment or features stage reaches (imports, at any depth) is either code that decides its content
+    (SEGMENT_CODE / FEATURES_CODE, fingerprinted) or listed as deciding none (NOT_CONTENT_CODE): moving code into a new
+    module cannot silently drop it from the fingerprint."""
+    from tests.test_layering import ROOT, imported_modules
+
+    def path_of(module: str) -> Path | None:
+        parts = module.split(".")[1:]
+        for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def reached(start: tuple[str, ...]) -> set[str]:
+        seen, todo = set(), [ROOT / relative for relative in start]
+        while todo:
+            path = todo.pop()
+            relative = path.relative_to(ROOT).as_posix()
+            if relative not in seen:
+                seen.add(relative)
+                todo += [p for p in map(path_of, imported_modules(path)) if p is not None]
+        return seen
+
+    listed = set(SEGMENT_CODE) | set(FEATURES_CODE) | set(NOT_CONTENT_CODE)
+    assert all((ROOT / relative).is_file() for relative in listed)
+    assert reached(SEGMENT_CODE) - set(SEGMENT_CODE) - set(NOT_CONTENT_CODE) <= set(FEATURES_CODE)
+    assert reached(FEATURES_CODE) - set(FEATURES_CODE) - set(NOT_CONTENT_CODE) <= set(SEGMENT_CODE)
+    assert not (set(SEGMENT_CODE) | set(FEATURES_CODE)) & set(NOT_CONTENT_CODE)
+    # the check bites: a stage module that imported an unlisted module would show up as reached and unlisted
+    assert "pipeline/featurize.py" in reached(("stages/features.py",))
+
+
+# --- one owner of the resolved spec: medfocus resolve ------------------------------------------------------------------
+
+
+def test_stages_read_the_spec_resolve_wrote_and_refuse_a_stale_one_under_dvc(images, tmp_path, monkeypatch):
+    from medfocus.pipeline import current_stores
+
+    params_path = params_file(tmp_path, images, segment={"scheduler": "synchronous", "policy": "centre-box"},
+                              features={"model": "litemedsam", "modes": ["none", "dual"]})
+    cache = tmp_path / "cache"
+    assert medfocus(*command("resolve", params_path, cache)).exit_code == 0
+    params = load_params(params_path)
+    spec, paths = resolve_dataset(DATASET, None, params), DatasetPaths(DATASET, cache)
+    prepared = load_prepared(spec, params, paths, progress=False)
+    written = json.loads(paths.segment_spec.read_text())
+
+    # The stages read the files: nothing is resolved a second way (no hub look-up, no hashing of weights).
+    def resolved_again(*args, **kwargs):
+        raise AssertionError("resolved again instead of reading the spec file")
+
+    monkeypatch.setattr(current_stores, "resolve_segment", resolved_again)
+    monkeypatch.setattr(current_stores, "resolve_encoder", resolved_again)
+    assert current_stores.current_segment_spec(spec, params, paths).key == written["key"]
+    features = current_stores.resolve_features_for(spec, params, prepared, ["none", "dual"], paths)
+    assert {mode: store.key for mode, store in features.stores.items()} == \
+           {mode: entry["key"] for mode, entry in json.loads(paths.features_spec.read_text())["stores"].items()}
+    monkeypatch.undo()
+
+    # Settings changed after resolve: under DVC the stage refuses (naming `medfocus resolve`); by hand it resolves.
+    other = params_file(tmp_path / "other", images, segment={"scheduler": "synchronous", "policy": "centre-box",
+                                                             "store_resolution": 128},
+                        features={"model": "litemedsam", "modes": ["none", "dual"]})
+    monkeypatch.setenv("DVC_STAGE", "segment@lesions")
+    refused = medfocus(*command("segment", other, cache, "-q"))
+    assert refused.exit_code == 2 and f"medfocus resolve --dataset {DATASET}" in refused.output
+    assert "other settings" in refused.output
+    monkeypatch.delenv("DVC_STAGE")
+    by_hand = current_stores.current_segment_spec(spec, load_params(other), paths)
+    assert by_hand.key != written["key"] and by_hand.content["store_resolution"] == 128
 
 
 # --- resolved weights --------------------------------------------------------------------------------------------------
@@ -307,7 +403,7 @@ def test_execution_settings_change_no_key_and_no_spec_file(images, tmp_path, enc
 
 def test_litemedsam_features_come_from_the_mask_store_without_an_encoder(images, tmp_path, monkeypatch):
     from medfocus.pipeline.encoders import LiteMedSamEncoder
-    from medfocus.stages import features as features_stage
+    from medfocus.pipeline import featurize
 
     params = params_file(tmp_path, images, segment={"scheduler": "synchronous", "policy": "centre-box"},
                          features={"model": "litemedsam", "modes": ["none", "dual"], "scheduler": "synchronous",
@@ -319,7 +415,7 @@ def test_litemedsam_features_come_from_the_mask_store_without_an_encoder(images,
     def no_encoder(build):
         raise AssertionError(f"an encoder was built: {build}")
 
-    monkeypatch.setattr(features_stage, "build_encoder", no_encoder)
+    monkeypatch.setattr(featurize, "build_encoder", no_encoder)
     encoded = stage_json(medfocus(*command("features", params, cache, "-q")))
     assert (encoded["processed"], encoded["failed_count"]) == (18, 0)
     summary = json.loads((cache / DATASET / "features.json").read_text())
@@ -335,7 +431,7 @@ def test_litemedsam_features_come_from_the_mask_store_without_an_encoder(images,
     for mode in ("none", "dual"):
         stored, _ = FeatureStore(encoded["stores"][mode], read_only=True).read_image(digest)
         masks = (roi, labels) if mode == "dual" else (None, None)
-        expected = features_stage._encode_batch(encoder, [image], [masks[0]], [masks[1]], mode, {})[0]
+        expected = featurize.encode_batch(encoder, [image], [masks[0]], [masks[1]], mode, {})[0]
         assert set(stored) == set(expected)
         for name in expected:
             np.testing.assert_allclose(stored[name], expected[name], atol=RUNTIME_TOLERANCE, err_msg=f"{mode}/{name}")

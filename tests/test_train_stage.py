@@ -21,9 +21,11 @@ from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.images import file_sha256
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.store import ImageStore
-from medfocus.stages.common import load_prepared
+from medfocus.pipeline.preparation import load_prepared
 from medfocus.stages.evaluate import run_protocol
-from medfocus.stages.train import current_feature_store, load_cached_features, load_trained
+from medfocus.pipeline.cached_features import load_cached_features
+from medfocus.pipeline.current_stores import current_feature_store
+from medfocus.pipeline.trained_heads import HeadRequest, load_head
 from medfocus.trainer import MethodUnavailableError, ModelMismatchError, TrainConfig, fit, synthetic_task
 
 from .test_segment_stage import medfocus, stage_json, write_params
@@ -85,10 +87,13 @@ def test_a_head_is_refused_for_features_of_another_mode_or_model(encoded, tmp_pa
 
     spec, paths = resolve_dataset(DATASET, encoded["root"]), DatasetPaths(DATASET, encoded["cache"])
     params = load_params(encoded["params"])
+    prepared = load_prepared(spec, params, paths, progress=False)
+    request = HeadRequest.from_settings(params.train)
     none_store = current_feature_store(spec, params, paths, "none")
     with pytest.raises(ModelMismatchError, match="feature_store_key"):
-        load_trained(Path(head), none_store, CLASSES)
-    assert load_trained(Path(head), current_feature_store(spec, params, paths, "attention"), CLASSES).method == "medfocus"
+        load_head(paths, request, none_store, params.train, prepared, Path(head))
+    attention_store = current_feature_store(spec, params, paths, "attention")
+    assert load_head(paths, request, attention_store, params.train, prepared, Path(head))[0].method == "medfocus"
 
     # Another encoder model: its own features, and the head trained on ViT-B-32 features is refused for them.
     cache = tmp_path / "cache"
@@ -106,6 +111,9 @@ def test_evaluate_writes_metrics_runs_and_plots_marked_random_init(encoded):
     assert result.exit_code == 0, result.output
     overview = json.loads(result.stdout)
     assert overview["weights_source"] == "random-init" and overview["random_init"] is True
+    # The headline for the reader comes last, on stderr, random-init first (medfocus.pipeline.results_summary).
+    assert "\n!! RANDOM-INIT: NOT REAL RESULTS." in result.stderr and "\n1. At " in result.stderr
+    assert result.stderr.rstrip().endswith("metrics.json") and overview["headline"]["random_init"] is True
     metrics = json.loads((encoded["cache"] / DATASET / "metrics.json").read_text())
     assert metrics["weights_source"] == "random-init" and metrics["random_init"] is True
     assert "RANDOM-INIT" in metrics["warning"]
@@ -237,7 +245,9 @@ def test_predict_writes_overlays_and_reproduces_the_training_features(encoded, t
     store = current_feature_store(spec, params, paths, "attention")
     cached = load_cached_features(load_prepared(spec, params, paths, progress=False), store)
     row = cached.features.hashes.index(file_sha256(images[0]))
-    stored = load_trained(Path(head), store, CLASSES).predict_proba(cached.features.subset([row]))[0]
+    prepared = load_prepared(spec, params, paths, progress=False)
+    model, _ = load_head(paths, HeadRequest.from_settings(params.train), store, params.train, prepared, Path(head))
+    stored = model.predict_proba(cached.features.subset([row]))[0]
     np.testing.assert_allclose([predictions[0]["probabilities"][c] for c in CLASSES], stored.numpy(), atol=2e-3)
 
 

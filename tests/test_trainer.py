@@ -576,9 +576,9 @@ def test_runs_csv_has_one_row_per_run(tmp_path):
 def test_plots_write_png_files(tmp_path, task):
     runs = [_run(method, seed, 0.4 + 0.1 * seed + fraction / 4, fraction=fraction, source="random-init")
             for method in ("medfocus", "zero_shot") for seed in range(3) for fraction in (0.05, 0.1, 0.2)]
-    curve = plot_accuracy_vs_fraction(aggregate(runs), tmp_path / "curve.png", "covid", "random-init")
+    curve = plot_accuracy_vs_fraction(aggregate(runs), tmp_path / "curve.png", "covid", "random-init", random_init=True)
     four_modes = [run | {"mode": mode} for run in runs for mode in ("none", "crop", "attention", "dual")]
-    panels = plot_accuracy_vs_fraction(aggregate(four_modes), tmp_path / "panels.png", "covid", "random-init")
+    panels = plot_accuracy_vs_fraction(aggregate(four_modes), tmp_path / "panels.png", "covid", "random-init", random_init=True)
     with Image.open(curve) as one, Image.open(panels) as grid:
         assert grid.size[0] > one.size[0] and grid.size[1] > one.size[1]  # one panel per mode, 3 per row
     matrix = plot_confusion_matrix([[5, 1], [2, 7]], ["covid", "normal"], tmp_path / "cm.png", "medfocus 5%")

@@ -13,13 +13,10 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from medfocus.pipeline.provenance import is_random_init
-
 from .config import METHODS
 
 RANDOM_INIT_WARNING = "RANDOM-INIT ENCODER (no pretrained weights) — not real results"
 # Panels in this order: the whole image first, then the ROI steering modes, then the dual view; unknown modes after.
-MODE_ORDER = ("none", "overlay", "blur", "crop", "attention", "dual")
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
@@ -37,12 +34,13 @@ def _method_colours(methods: list[str]) -> dict[str, tuple]:
     return {method: palette(index % 10) for index, method in enumerate(known)}
 
 
-def plot_accuracy_vs_fraction(aggregated: dict, path: str | Path, title: str, weights_source: str | None) -> Path:
+def plot_accuracy_vs_fraction(aggregated: dict, path: str | Path, title: str, weights_source: str | None,
+                              random_init: bool) -> Path:
     """Test accuracy (mean ± std over seeds) against training fraction: one panel per ROI mode, one line per method.
 
     Uses the fraction groups of :func:`~medfocus.trainer.metrics.aggregate`; with none, the k-shot groups (shots per
     class on the x axis). Panels share the y axis, the legend sits outside the panels, and the title (and a watermark
-    in every panel) says so when ``weights_source`` is random-init (or unknown).
+    in every panel) says so when ``random_init`` (the caller judges its weights source: provenance is not the trainer's).
     """
     groups = [group for group in aggregated["groups"] if group.get("fraction") is not None]
     axis_key, axis_label = "fraction", "training fraction"
@@ -51,8 +49,7 @@ def plot_accuracy_vs_fraction(aggregated: dict, path: str | Path, title: str, we
         axis_key, axis_label = "shots", "shots per class"
     if not groups:
         raise ValueError("no fraction or shots groups to plot")
-    found = {group["mode"] for group in groups}
-    modes = [mode for mode in MODE_ORDER if mode in found] + sorted(found - set(MODE_ORDER))
+    modes = list(dict.fromkeys(group["mode"] for group in groups))  # the protocol's order (evaluate.modes)
     lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for group in groups:
         accuracy = group["accuracy"]
@@ -61,7 +58,6 @@ def plot_accuracy_vs_fraction(aggregated: dict, path: str | Path, title: str, we
     colours = _method_colours([method for _, method in lines])
     ticks = sorted({point[0] for points in lines.values() for point in points})
 
-    random_init = is_random_init(weights_source)
     columns = min(len(modes), 3)
     rows = math.ceil(len(modes) / columns)
     figure = Figure(figsize=(max(3.8 * columns, 6.0), 3.2 * rows + 1.6), layout="constrained")

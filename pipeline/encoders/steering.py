@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 from medfocus.pipeline.patch_grid import roi_patch_weights  # noqa: F401  (part of steering's interface)
 
-STEERING_MODES = ("none", "overlay", "blur", "crop", "attention", "dual")
+from medfocus.pipeline.vocabulary import STEERING_MODES
 
 # Defaults of every mode's parameters; the cache key is built from the completed, canonical dict.
 DEFAULT_STEERING_PARAMS: dict[str, dict[str, Any]] = {

@@ -6,10 +6,9 @@ from medfocus.pipeline.segmenters.base import Segmenter
 from medfocus.pipeline.segmenters.litemedsam import LiteMedSAMSegmenter
 from medfocus.pipeline.segmenters.sam2_segmenter import Sam2Segmenter
 
-BACKENDS = {
-    "litemedsam": LiteMedSAMSegmenter,
-    "sam2": Sam2Segmenter,
-}
+from medfocus.pipeline.vocabulary import SEGMENTER_BACKENDS
+
+BACKENDS = dict(zip(SEGMENTER_BACKENDS, (LiteMedSAMSegmenter, Sam2Segmenter)))
 
 
 def list_backends() -> list[str]:

@@ -1,0 +1,16 @@
+"""The names a user picks from, each defined once: validation (pipeline.config), the CLI's help and the code that
+acts on them all read these. Trainer methods are ``medfocus.trainer.config.METHODS``; ROI policies are the names of
+``medfocus.pipeline.segmenters.policies.POLICIES``."""
+
+from __future__ import annotations
+
+STEERING_MODES = ("none", "overlay", "blur", "crop", "attention", "dual")
+SEGMENTER_BACKENDS = ("litemedsam", "sam2")
+SAM2_MODELS = ("tiny", "small", "base_plus", "large")
+ENCODER_MODELS = "auto, litemedsam, an open_clip model (ViT-B-32, ViT-B-16, ...) or hf-hub:org/name"
+
+
+def spelled_out(names) -> str:
+    """``a, b or c``: a vocabulary in a sentence (help texts, error messages)."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
