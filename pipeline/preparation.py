@@ -37,6 +37,7 @@ from medfocus.pipeline.manifest import (
 )
 from medfocus.pipeline.paths import DatasetPaths, read_json
 from medfocus.pipeline.runner import WorkItem
+from medfocus.pipeline.stage_outputs import run_file
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,13 @@ def prepare_dataset(spec: DatasetSpec, params: Params, paths: DatasetPaths, prog
         **duplicates,
         **near_duplicates,
         "warnings": list(dict.fromkeys(warnings)),
-        "listing": listing,
         "params": settings.model_dump(),
         "subsets": {"fractions": settings.fractions, "shots": settings.shots, "seeds": settings.subset_seeds},
-        "seconds": round(time.perf_counter() - started, 3),
     }
     write_json(paths.prepare_summary, summary)
+    # How this run went, apart from the content later stages depend on: a prepare that finds the same images (after a
+    # copy, a touch, another run) leaves prepare.json as it was, so DVC reruns nothing downstream.
+    write_json(run_file(paths.prepare_summary), {"listing": listing, "seconds": round(time.perf_counter() - started, 3)})
     return summary
 
 
@@ -249,7 +251,9 @@ def load_prepared(spec: DatasetSpec, params: Params, paths: DatasetPaths, progre
 
     summary = read_json(paths.prepare_summary)
     prepared_with = _prepared_settings(summary, paths)
-    out_of_date = _why_out_of_date(summary, spec, listing_fingerprint(spec))
+    run = run_file(paths.prepare_summary)
+    recorded_listing = read_json(run).get("listing") if run.exists() else None
+    out_of_date = _why_out_of_date(summary, spec, recorded_listing, listing_fingerprint(spec))
     if out_of_date:
         log.info("preparing %s from %s again (%s), with the settings of its last prepare", spec.name, spec.root, out_of_date)
         summary = prepare_dataset(spec, params.model_copy(update={"prepare": prepared_with}), paths, progress=progress)
@@ -278,11 +282,11 @@ def _prepared_settings(summary: dict, paths: DatasetPaths) -> PrepareParams:
         ) from None
 
 
-def _why_out_of_date(summary: dict, spec: DatasetSpec, listing: str) -> str:
+def _why_out_of_date(summary: dict, spec: DatasetSpec, recorded_listing: str | None, listing: str) -> str:
     """Why a manifest no longer describes the dataset's files and classes, or '' when it still does."""
     if Path(summary["root"]).resolve() != Path(spec.root).resolve():
         return f"it was made from {summary['root']}"
-    if summary.get("listing") != listing:
+    if recorded_listing != listing:
         return "image files were added, removed or changed"
     # Ad-hoc datasets take their classes from the folders, which the listing covers; defined ones carry their prompts.
     if spec.classes and summary.get("classes") != json.loads(json.dumps([asdict(c) for c in spec.classes])):

@@ -103,3 +103,20 @@ def test_a_manifest_from_before_a_new_prepare_setting_is_not_stale(folder_datase
 
     assert paths.manifest.read_bytes() == manifest_before
     assert not [record for record in caplog.records if record.name == "medfocus.pipeline.preparation"]
+
+
+def test_a_touched_file_is_prepared_again_without_changing_what_later_stages_depend_on(folder_dataset, tmp_path, caplog):
+    """A copy or a touch changes a file's listing (ctime) but not its content: prepare runs again and finds the same
+    images, and prepare.json, manifest.csv and splits.json keep their bytes, so DVC reruns nothing downstream."""
+    import os
+
+    spec = resolve_dataset("knee", folder_dataset)
+    paths = DatasetPaths("knee", tmp_path / "cache")
+    load_prepared(spec, parse_params({}), paths, progress=False)
+    before = {path: path.read_bytes() for path in (paths.prepare_summary, paths.manifest, paths.splits)}
+    touched = sorted(folder_dataset.rglob("*.png"))[0]
+    os.utime(touched)  # new mtime (and ctime), same bytes
+    with caplog.at_level(logging.INFO, logger="medfocus.pipeline.preparation"):
+        load_prepared(spec, parse_params({}), paths, progress=False)
+    assert any("again" in record.getMessage() for record in caplog.records)  # it did look again
+    assert {path: path.read_bytes() for path in before} == before
