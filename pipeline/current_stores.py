@@ -53,8 +53,13 @@ def _settings(section) -> dict:
 
 
 def _resolved_from(dataset: DatasetSpec, params: Params, prepared: PreparedDataset | None = None) -> dict[str, str]:
-    """What each spec file was resolved from (its settings, the dataset; for features also classes and prompts)."""
-    segment = store_key({"dataset": dataset.name, "segment": _settings(params.segment)})
+    """What each spec file was resolved from (its settings, the dataset; for features also classes and prompts; a policy
+    file's content, so that a refitted file at the same path is resolved again)."""
+    from medfocus.pipeline.segmenters.policies import policy_content_hash
+
+    policy_file = policy_content_hash(params.segment.policy)
+    segment = store_key({"dataset": dataset.name, "segment": _settings(params.segment),
+                         **({"policy_file": policy_file} if policy_file else {})})
     features = store_key({"segment": segment, "features": _settings(params.features),
                           "classes": prepared.prompts if prepared is not None else None})
     return {"segment": segment, "features": features}

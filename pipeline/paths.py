@@ -40,6 +40,14 @@ class DatasetPaths:
     def features_spec(self) -> Path:
         return self.dir / "features.spec.json"
 
+    # external test sets (pipeline.external): their summary, and per set its manifest and decoded-file cache
+    @property
+    def external_summary(self) -> Path:
+        return self.dir / "external.json"
+
+    def external_dir(self, name: str) -> Path:
+        return self.dir / "external" / name
+
     # segment
     @property
     def masks_dir(self) -> Path:
@@ -74,6 +82,11 @@ class DatasetPaths:
     @property
     def metrics(self) -> Path:
         return self.dir / "metrics.json"
+
+    @property
+    def external_evaluation_dir(self) -> Path:
+        """Plots of the external test sets (always made by evaluate, so DVC can track it as one output)."""
+        return self.evaluation_dir / "external"
 
     @property
     def runs_csv(self) -> Path:

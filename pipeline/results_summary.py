@@ -321,7 +321,7 @@ def random_init_parts(models: dict) -> list[str]:
 def summarize(results: list[dict], runs: list[dict], *, dataset: dict, models: dict,
               paper: dict[str, dict[float, float]] | None, paper_datasets: list[str], chosen: dict | None,
               roi_quality: dict | None = None, methods: list[str] | None = None, modes: list[str] | None = None,
-              skipped: dict[str, str] | None = None) -> dict:
+              skipped: dict[str, str] | None = None, external: dict | None = None) -> dict:
     """Everything the headline, the compact table and the per-class section show, as one JSON-able dict.
 
     ``results``: metrics.json's rows (% values); ``runs``: evaluate's runs (``correct`` per test image for the ROI
@@ -330,7 +330,9 @@ def summarize(results: list[dict], runs: list[dict], *, dataset: dict, models: d
     ``segmenter``, each {name, weights, sha256, random_init} (the segmenter also ``policy``); ``paper``: the paper's
     {line: {fraction: accuracy %}} for this dataset or None; ``chosen``: the per-class row (see :func:`per_class`);
     ``roi_quality``: {dice, iou, n, truth} of the automatic ROI against ground-truth masks, where they exist;
-    ``skipped``: {"method/mode": reason} of the fits that could not run (a method with no row at all is named).
+    ``skipped``: {"method/mode": reason} of the fits that could not run (a method with no row at all is named);
+    ``external``: metrics.json's ``external`` (per external test set; the rows then carry ``external``), see
+    :func:`external_comparison`.
     """
     table = compact_table(results, methods, modes)
     point = protocol_point(results)
@@ -357,7 +359,57 @@ def summarize(results: list[dict], runs: list[dict], *, dataset: dict, models: d
         "paper_rows": paper_rows(paper, table["columns"]),
         "per_class": per_class(runs, chosen) if chosen else None,
         "not_run": _not_run(skipped or {}, results),
+        "external": external_comparison(table, results, external),
     }
+
+
+def external_comparison(table: dict, results: list[dict], external: dict | None) -> dict | None:
+    """Internal beside external accuracy, per external test set: the compact table's rows and columns, each cell the
+    row's internal test accuracy and its accuracy on the external set (the same fits; mean ± std over seeds, 95 %
+    bootstrap intervals over each set's images) and their difference. None without external sets."""
+    if not external:
+        return None
+    by_key = {(r["method"], r["mode"], subset_label(r["fraction"], r["shots"])): r for r in results}
+    sets = {}
+    for name, meta in external.items():
+        rows = []
+        for row in table["rows"]:
+            mode = row["mode"] if row["mode"] is not None else row["modes"][0]
+            cells = {}
+            for column in table["columns"]:
+                result = by_key.get((row["method"], mode, column))
+                if result is None:
+                    continue
+                scores = result.get("external", {}).get(name) or {}
+                outside = scores.get("accuracy")
+                cells[column] = {"internal": result["accuracy"], "internal_ci95": result.get("accuracy_ci95"),
+                                 "external": outside, "external_std": scores.get("accuracy_std"),
+                                 "external_ci95": scores.get("accuracy_ci95"),
+                                 "difference": None if outside is None else round(outside - result["accuracy"], 2)}
+            rows.append({"label": row["label"], "method": row["method"], "mode": mode, "uses_roi": row["uses_roi"],
+                         "cells": cells})
+        copies = meta.get("copies_of_training_source", {})
+        sets[name] = {"images": meta.get("images"), "classes": meta.get("classes"), "class_map": meta.get("class_map"),
+                      "unmapped_training_classes": meta.get("unmapped_training_classes", []),
+                      "copies_removed": {"byte": copies.get("byte_copies", 0), "near": copies.get("near_copies", 0)},
+                      "rows": rows}
+    return {"columns": table["columns"], "sets": sets}
+
+
+def transfer_at_best(summary: dict) -> dict[str, dict]:
+    """Per external set, the headline's best row (chosen on the internal test set) at the protocol point: its internal
+    and external accuracy, the external interval and the difference."""
+    external, best = summary.get("external"), summary.get("best")
+    if not external or not best:
+        return {}
+    column = summary["protocol_point"]["column"]
+    out = {}
+    for name, item in external["sets"].items():
+        row = next((r for r in item["rows"] if r["label"] == best["label"]), None)
+        cell = (row or {}).get("cells", {}).get(column)
+        if cell and cell["external"] is not None:
+            out[name] = cell | {"label": best["label"], "images": item["images"], "copies_removed": item["copies_removed"]}
+    return out
 
 
 def _not_run(skipped: dict[str, str], results: list[dict]) -> dict[str, str]:
@@ -385,6 +437,10 @@ def flat_headline(summary: dict) -> dict:
         flat["vs_paper"] = {"paper": paper["values"][paper["reference"]], "points": paper["difference"]}
     if summary.get("roi_quality"):
         flat["roi_dice"] = summary["roi_quality"]["dice"]
+    for name, cell in transfer_at_best(summary).items():
+        ci = cell["external_ci95"] or [None, None]
+        flat.setdefault("external", {})[name] = {"accuracy": cell["external"], "internal": cell["internal"],
+                                                 "points": cell["difference"], "ci95_low": ci[0], "ci95_high": ci[1]}
     return flat
 
 
@@ -409,8 +465,9 @@ def context_lines(summary: dict) -> list[tuple[str, str]]:
         short = f", sha256 {sha[:12]}" if sha and sha != "random-init" else ""
         return f"{model.get('weights')}{short}"
 
-    lines.append(("models", f"encoder {encoder.get('name')} ({weights(encoder)}); segmenter {segmenter.get('name')} "
-                            f"({weights(segmenter)}), ROI policy {segmenter.get('policy')}"))
+    used = (f"segmenter {segmenter.get('name')} ({weights(segmenter)}), ROI policy {segmenter.get('policy')}" if segmenter
+            else "no segmenter (no evaluated mode uses an ROI)")
+    lines.append(("models", f"encoder {encoder.get('name')} ({weights(encoder)}); {used}"))
     quality = summary.get("roi_quality")
     if quality:
         lines.append(("ROI", f"the automatic ROI against {quality['n']} ground-truth masks ({quality['truth']}): "
@@ -454,6 +511,15 @@ def headline(summary: dict) -> list[str]:
         listed = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
         sentences.append(f"Focusing on the ROI {' and '.join(parts)}: the best row with the ROI minus the best whole-image row "
                          f"is {listed}.")
+    transfer = transfer_at_best(summary)
+    if transfer:
+        parts = [f"{pct(cell['external'])} ± {pct(cell['external_std'])} % on {name} ({_interval(cell['external_ci95'])} %; "
+                 f"{cell['images']} images from another source, after removing {cell['copies_removed']['byte']} byte and "
+                 f"{cell['copies_removed']['near']} near-copies of training images), {signed(cell['difference'])} points "
+                 "from the internal test set" for name, cell in transfer.items()]
+        sentences.append(f"Transfer to an external test set (never used for training or any choice): the best row at "
+                         f"{point['column']} ({best['label']}, {pct(best['accuracy'])} % internally) reaches "
+                         f"{' and '.join(parts)}.")
     paper = summary["paper"]
     dataset = summary["dataset"]["name"]
     if not paper["reported"]:
@@ -490,6 +556,13 @@ def cell_text(cell: dict | None) -> str:
     return f"{pct(cell['mean'])} ± {pct(cell['std'])}" + (" *" if cell["best"] else "")
 
 
+def external_cell_text(cell: dict | None) -> str:
+    """``internal | external`` of one cell of :func:`external_comparison`."""
+    if cell is None:
+        return "—"
+    return f"{pct(cell['internal'])} | {pct(cell['external'])}"
+
+
 def render_text(summary: dict, metrics_path: str | None = None) -> str:
     """The terminal summary: context, headline, the compact table, the per-class results; plain text, no colour."""
     out = []
@@ -518,6 +591,12 @@ def render_text(summary: dict, metrics_path: str | None = None) -> str:
                            [[e["column"], e["roi"]["label"], pct(e["roi"]["accuracy"]), e["whole"]["label"], pct(e["whole"]["accuracy"]),
                              signed(e["difference"]), "—" if e["ci95"] is None else f"{signed(e['ci95'][0])} to {signed(e['ci95'][1])}"]
                             for e in effect["by_column"]], left=(0, 1, 3))
+    external = summary.get("external")
+    for name, item in ((external or {}).get("sets") or {}).items():
+        out += ["", f"internal | external test accuracy % on {name} ({item['images']} images; mean over seeds; the same fits)"]
+        out += _text_table(["method", *external["columns"]],
+                           [[row["label"], *(external_cell_text(row["cells"].get(column)) for column in external["columns"])]
+                            for row in item["rows"]])
     classes = summary.get("per_class")
     if classes:
         out += ["", f"per class: {classes['method']} ({classes['mode']}) at {classes['column']}, over {len(classes['seeds'])} seed(s) "

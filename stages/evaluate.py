@@ -24,10 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medfocus.pipeline.cached_features import CachedFeatures, load_cached_features, store_identity, subset_hashes
+from medfocus.pipeline.cached_features import (
+    CachedFeatures,
+    load_cached_features,
+    load_image_features,
+    store_identity,
+    subset_hashes,
+)
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_feature_store, current_mask_store
 from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.external import load_externals, map_probabilities, mapping_matrix
 from medfocus.pipeline.manifest import write_atomic, write_json
 from medfocus.pipeline.paper import paper_datasets, paper_results
 from medfocus.pipeline.paths import DatasetPaths, read_json
@@ -57,6 +64,56 @@ GROUND_TRUTH_FOLDER = "lesion_masks"
 GROUND_TRUTH_SUFFIX = "_mask.png"
 
 
+# ---------------------------------------------------------------------------------------------------- external test sets
+def score_external(proba, labels: list[int], matrix: np.ndarray, columns: list[str]) -> dict:
+    """One fit on one external set (pipeline.external): the metrics of :func:`compute_metrics` over the prediction
+    columns (the external classes, then the unmapped training classes: predicting one of those is an error), the
+    run's bootstrap interval and ``correct`` (0/1 per external image, for the group's interval)."""
+    mapped = map_probabilities(proba, matrix)
+    metrics = compute_metrics(np.asarray(labels), mapped, columns)
+    correct = (mapped.argmax(axis=1) == np.asarray(labels)).astype(int).tolist()
+    keep = ("n_samples", "accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr", "per_class_recall", "confusion_matrix",
+            "class_names")
+    return {key: metrics[key] for key in keep} | {"accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct}
+
+
+EXTERNAL_RUN_COLUMNS = ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "auroc_ovr", "n_samples")
+
+
+def flat_run(run: dict) -> dict:
+    """A run as runs.csv writes it: each external set's scalars as ``external[NAME].accuracy``, ... columns (its
+    per-image ``correct`` and confusion matrix stay in metrics.json's aggregates)."""
+    out = {key: value for key, value in run.items() if key != "external"}
+    for name, scores in (run.get("external") or {}).items():
+        for key in EXTERNAL_RUN_COLUMNS:
+            out[f"external[{name}].{key}"] = scores[key]
+    return out
+
+
+def aggregate_external(runs: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Per (method, mode, fraction, shots) and external set: accuracy mean ± std over seeds (%), the bootstrap 95 %
+    interval over the external images of the accuracy averaged over seeds (the internal rows' rule), and the mean
+    balanced accuracy and macro-F1 (%)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["mode"], run.get("fraction"), run.get("shots")), []).append(run)
+    out: dict[tuple, dict[str, dict]] = {}
+    for key, members in groups.items():
+        names = list(dict.fromkeys(name for run in members for name in (run.get("external") or {})))
+        for name in names:
+            scores = [run["external"][name] for run in members if name in (run.get("external") or {})]
+            accuracy = np.array([s["accuracy"] for s in scores])
+            out.setdefault(key, {})[name] = {
+                "accuracy": _percent(float(accuracy.mean())),
+                "accuracy_std": _percent(float(accuracy.std(ddof=1)) if len(accuracy) > 1 else 0.0),
+                "accuracy_ci95": [_percent(b) for b in bootstrap_accuracy_ci([s["correct"] for s in scores])],
+                "balanced_accuracy": _percent(float(np.mean([s["balanced_accuracy"] for s in scores]))),
+                "macro_f1": _percent(float(np.mean([s["macro_f1"] for s in scores]))),
+                "images": scores[0]["n_samples"], "seeds": len(scores),
+            }
+    return out
+
+
 def _subsets(params: Params) -> list[tuple[float | None, int | None]]:
     return [(f, None) for f in params.evaluate.fractions] + [(None, k) for k in params.evaluate.shots]
 
@@ -79,12 +136,12 @@ class SubsetFits:
 
 # A worker's features, loaded once per evaluation and mode (a process of the processes / cluster schedulers keeps them
 # for all its tasks; the threads and synchronous schedulers share the caller's).
-_LOADED: dict[tuple[str, str], tuple[CachedFeatures, FeatureSet]] = {}
+_LOADED: dict[tuple[str, str], tuple[CachedFeatures, FeatureSet, dict[str, FeatureSet]]] = {}
 _LOADING = threading.Lock()
 
 
-def _features_of(context: dict, mode: str) -> tuple[CachedFeatures, FeatureSet]:
-    """The mode's cached features (the images common to all modes) and its test set."""
+def _features_of(context: dict, mode: str) -> tuple[CachedFeatures, FeatureSet, dict[str, FeatureSet]]:
+    """The mode's cached features (the images common to all modes), its test set and each external test set."""
     key = (context["evaluation"], mode)
     with _LOADING:
         if key not in _LOADED:
@@ -93,14 +150,16 @@ def _features_of(context: dict, mode: str) -> tuple[CachedFeatures, FeatureSet]:
             url, store_key = context["stores"][mode]
             store = FeatureStore.lookup(url, store_key, context["prepared"].name, mode)
             cached = load_cached_features(context["prepared"], store, only=set(context["common"]))
-            _LOADED[key] = cached, cached.features.subset(cached.rows(context["test"]))
+            external = {name: load_image_features(store, item["hashes"], item["labels"])
+                        for name, item in context["external"].items()}
+            _LOADED[key] = cached, cached.features.subset(cached.rows(context["test"])), external
         return _LOADED[key]
 
 
 def _fit_subset(task: SubsetFits, context: dict) -> list[dict]:
     """The runs of every method on ``task``'s subset; a method that cannot run on these features gives a skip record."""
     set_torch_threads(context["threads_split"])
-    cached, test = _features_of(context, task.mode)
+    cached, test, external_sets = _features_of(context, task.mode)
     train_set = cached.features.subset(cached.rows(list(task.hashes)))
     results = []
     for number, method in enumerate(context["methods"]):
@@ -112,13 +171,18 @@ def _fit_subset(task: SubsetFits, context: dict) -> list[dict]:
             continue
         proba = model.predict_proba(test)
         correct = (proba.argmax(dim=1) == test.labels).int().tolist()
+        # The same fit on each external test set (pipeline.external): probabilities summed over the mapped classes.
+        external = {name: score_external(model.predict_proba(features), context["external"][name]["labels"],
+                                         context["external"][name]["matrix"], context["external"][name]["columns"])
+                    for name, features in external_sets.items()}
         results.append({"order": order, "method": method, "mode": task.mode, "fraction": task.fraction, "shots": task.shots,
                         "seed": task.seed, "weights_source": cached.weights_source, "n_train": len(train_set),
                         "fit_seconds": round(model.fit_info["fit_seconds"], 4),
                         # what the fit chose inside the training subset (C, α/β, a gate, medfocus_select's candidate)
                         "hyperparameters": model.fit_info.get("hyperparameters", {}),
                         **compute_metrics(test.labels, proba, context["prepared"].class_names),
-                        "accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct})
+                        "accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct,
+                        **({"external": external} if external else {})})
     return results
 
 
@@ -165,6 +229,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
                 alignment["subset_images_left_out"][f"{_subset_label(fraction, shots)} seed {seed}"] = len(hashes) - len(kept)
             subsets[(fraction, shots, seed)] = kept
 
+    external_context, external_images = _external_context(spec, params, paths, prepared, stores)
     tasks = [SubsetFits(order, mode, fraction, shots, seed, tuple(hashes))
              for order, (mode, ((fraction, shots, seed), hashes)) in enumerate(itertools.product(settings.modes, subsets.items()))]
     # Longest first, so that no long fit is left to run alone at the end: the biggest subsets, and at one size the mode
@@ -176,6 +241,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
         "stores": {mode: (store.url, store.key) for mode, store in stores.items()},
         "methods": list(settings.methods), "config": params.train.trainer_config(),
         "threads_split": 1 if choice.kind == "synchronous" else settings.workers,
+        "external": external_context,
     }
     threads = torch.get_num_threads()  # the threads and synchronous schedulers set this process's torch threads
     try:
@@ -189,7 +255,36 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
     for key, reason in unavailable.items():
         log.warning("skipped %s: %s", key, reason)
     sources = {mode: store_identity(store) for mode, store in stores.items()}
-    return runs, {"features": sources, "skipped": unavailable, "images": alignment}
+    return runs, {"features": sources, "skipped": unavailable, "images": alignment, "external": external_images}
+
+
+def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, prepared, stores: dict) -> tuple[dict, dict]:
+    """Per external test set (pipeline.external): the images with features in every evaluated mode, their labels (the
+    external classes), the class-mapping matrix and the prediction columns; and what was left out, per set."""
+    context, images = {}, {}
+    for external in load_externals(spec, params, paths, prepared):
+        hashes = [entry.hash for entry in external.entries]
+        have = set(hashes)
+        for store in stores.values():
+            have &= store.done(hashes)
+        kept = [entry for entry in external.entries if entry.hash in have]
+        if not kept:
+            raise FileNotFoundError(f"external set {external.name!r} of {spec.name!r} has no image with features in every "
+                                    f"mode {list(stores)}: run `medfocus segment` and `medfocus features --dataset {spec.name}`")
+        if len(kept) < len(hashes):
+            log.warning("%d image(s) of external set %s lack features in some mode and are left out", len(hashes) - len(kept),
+                        external.name)
+        index = {name: i for i, name in enumerate(external.class_names)}
+        context[external.name] = {
+            "hashes": [entry.hash for entry in kept], "labels": [index[entry.label] for entry in kept],
+            "matrix": mapping_matrix(external.class_map, external.class_names, prepared.class_names),
+            "columns": external.columns(prepared.class_names),
+        }
+        images[external.name] = {"images": len(kept), "left_out": len(hashes) - len(kept),
+                                 "classes": external.class_names, "class_map": external.class_map,
+                                 "columns": context[external.name]["columns"],
+                                 "counts": {name: sum(entry.label == name for entry in kept) for name in external.class_names}}
+    return context, images
 
 
 def _percent(value: float | None) -> float | None:
@@ -218,6 +313,9 @@ def _write_plot_csv(rows: list[dict], path) -> None:
     for row in rows:
         if row["fraction"] is not None:
             writer.writerow({"series": f"{row['method']}/{row['mode']}", "fraction": row["fraction"], "accuracy": row["accuracy"]})
+            for name, scores in row.get("external", {}).items():  # the same row on each external test set
+                writer.writerow({"series": f"{row['method']}/{row['mode']} @ external {name}", "fraction": row["fraction"],
+                                 "accuracy": scores["accuracy"]})
     write_atomic(path, buffer.getvalue())
 
 
@@ -302,11 +400,71 @@ def _facts(spec: DatasetSpec, paths: DatasetPaths, metrics_images: dict, random_
     models = {
         "encoder": {"name": encoder.get("model"), "weights": features.get("weights_source"), "sha256": encoder.get("weights_sha256"),
                     "random_init": bool(random_init or features.get("random_init"))},
+        # None when no segmenter ran for these features (only modes without an ROI).
         "segmenter": {"name": segmenter.get("backend"), "policy": segment.get("policy"), "sha256": model.get("weights_sha256"),
                       "weights": RANDOM_INIT if segmenter_random else f"pretrained: {model.get('name')}",
-                      "random_init": segmenter_random},
+                      "random_init": segmenter_random} if segmenter else None,
     }
     return dataset, models
+
+
+def _external_metrics(spec: DatasetSpec, paths: DatasetPaths, images: dict, shown: dict, chosen_by: str) -> dict:
+    """metrics.json's ``external``: per set what prepare found (external.json: classes, class map, copies of the
+    training source removed, with counts and examples), the images evaluated, and the confusion matrix of the run
+    fixed in advance (the internal confusion matrix's run; rows: true external classes, columns: the prediction
+    columns, an unmapped training class last)."""
+    if not images:
+        return {}
+    prepared = read_json(paths.external_summary)["sets"]
+    out = {}
+    for name, evaluated in images.items():
+        scores = shown.get("external", {}).get(name)
+        rows = len(evaluated["classes"])
+        out[name] = {**{key: prepared[name][key] for key in ("root", "files_found", "unreadable", "duplicates_within_set",
+                                                             "copies_of_training_source", "unmapped_training_classes")},
+                     **evaluated,
+                     "confusion_matrix": None if scores is None else {
+                         "method": shown["method"], "mode": shown["mode"], "fraction": shown["fraction"],
+                         "shots": shown["shots"], "seed": shown["seed"], "chosen_by": chosen_by,
+                         "true_classes": evaluated["classes"], "predicted_columns": scores["class_names"],
+                         "counts": scores["confusion_matrix"][:rows], "accuracy": _percent(scores["accuracy"])}}
+    return out
+
+
+def _write_external_plots(spec: DatasetSpec, paths: DatasetPaths, aggregated: dict, external: dict,
+                          weights_sources: list[str], random_init: bool) -> None:
+    """``evaluation/external/`` (always made, one DVC output): per external set its accuracy against the training
+    fraction (same layout as the internal plot) and the confusion matrix of the run fixed in advance; ``index.json``
+    names them."""
+    folder = paths.external_evaluation_dir
+    if folder.exists():
+        for stale in folder.iterdir():
+            stale.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {}
+    for name, item in external.items():
+        groups = []
+        for group in aggregated["groups"]:
+            scores = group.get("external", {}).get(name)
+            if scores is not None:
+                groups.append(group | {"accuracy": {"mean": scores["accuracy"] / 100, "std": scores["accuracy_std"] / 100}})
+        files = {}
+        if any(g.get("fraction") is not None or g.get("shots") is not None for g in groups):
+            files["accuracy"] = f"{name}_accuracy_vs_fraction.png"
+            plot_accuracy_vs_fraction({"groups": groups}, folder / files["accuracy"],
+                                      f"{spec.name} -> external {name}: accuracy vs training fraction",
+                                      ", ".join(weights_sources), random_init=random_init)
+        matrix = item["confusion_matrix"]
+        if matrix is not None:
+            files["confusion_matrix"] = f"{name}_confusion_matrix.png"
+            columns = matrix["predicted_columns"]
+            counts = matrix["counts"] + [[0] * len(columns)] * (len(columns) - len(matrix["counts"]))
+            plot_confusion_matrix(counts, columns, folder / files["confusion_matrix"],
+                                  f"{spec.name} -> external {name}: {matrix['method']} ({matrix['mode']}), "
+                                  f"{_subset_label(matrix['fraction'], matrix['shots'])}, seed {matrix['seed']}"
+                                  + (f"\n{RANDOM_INIT}" if random_init else ""))
+        index[name] = files
+    write_json(folder / "index.json", {"dataset": spec.name, "sets": index})
 
 
 def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: bool = True) -> dict:
@@ -316,11 +474,17 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
         raise ValueError(f"no method could run on {spec.name!r}: {identity['skipped']}")
     aggregated = aggregate(runs)
     table = accuracy_table(aggregated)
+    external_sets = identity["external"]
+    if external_sets:
+        # Each row's accuracy on each external test set, beside its internal accuracy (same fits).
+        by_group = aggregate_external(runs)
+        for row in [*table, *aggregated["groups"]]:
+            row["external"] = by_group.get((row["method"], row["mode"], row["fraction"], row["shots"]), {})
     weights_sources = sorted({run["weights_source"] for run in runs})
     random_init = any(is_random_init(source) for source in weights_sources)
     out = paths.evaluation_dir
     out.mkdir(parents=True, exist_ok=True)
-    write_runs_csv(runs, paths.runs_csv)
+    write_runs_csv([flat_run(run) for run in runs], paths.runs_csv)
     title = f"{spec.name}: test accuracy vs training fraction"
     plot_accuracy_vs_fraction(aggregated, out / "accuracy_vs_fraction.png", title, ", ".join(weights_sources),
                               random_init=random_init)
@@ -342,6 +506,7 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
                              "shots": shown["shots"], "seed": shown["seed"], "chosen_by": chosen_by,
                              "class_names": shown["class_names"], "counts": shown["confusion_matrix"]},
         "features": identity["features"],
+        "external": _external_metrics(spec, paths, external_sets, shown, chosen_by),
         "skipped_methods": identity["skipped"],
         "protocol": params.evaluate.model_dump(),
         "train_settings": params.train.trainer_config().model_dump(by_alias=True),
@@ -357,11 +522,12 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
     metrics["summary"] = summarize(table, runs, dataset=dataset, models=models, paper=metrics["paper"],
                                    paper_datasets=paper_datasets(), chosen=chosen, roi_quality=roi_quality(spec, params, paths),
                                    methods=list(params.evaluate.methods), modes=list(params.evaluate.modes),
-                                   skipped=identity["skipped"])
+                                   skipped=identity["skipped"], external=metrics["external"])
     # For `dvc plots`: one line per row of the compact table (a global-embedding method's dual row, the same numbers as
     # its none row, is left out), and the ROI's effect per training fraction.
     merged = set(metrics["summary"]["table"]["merged"])
     _write_plot_csv([row for row in table if not (row["method"] in merged and row["mode"] == "dual")], out / "accuracy_vs_fraction.csv")
+    _write_external_plots(spec, paths, aggregated, metrics["external"], weights_sources, random_init)
     _write_roi_effect_csv(metrics["summary"]["roi_effect"], out / "roi_effect.csv")
     write_json(out / "aggregated.json", aggregated)
     write_json(paths.metrics, metrics)

@@ -25,6 +25,7 @@ import torch
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_mask_store, feature_store_url, resolve_features_for
 from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.external import external_content, external_work_items, load_externals
 from medfocus.pipeline.encoders import (
     UnsupportedEncoderFeature,
 )
@@ -35,7 +36,7 @@ from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.preparation import load_manifest_image, load_prepared
 from medfocus.pipeline.provenance import RANDOM_INIT, package_versions
 from medfocus.pipeline.runner import Outcome, WorkItem, run_incremental
-from medfocus.pipeline.specs import LITEMEDSAM, EncoderSpec, FeaturesSpec
+from medfocus.pipeline.specs import EncoderSpec, FeaturesSpec
 from medfocus.pipeline.stage_outputs import done_digest, run_file
 from medfocus.pipeline.store import FeatureStore, MaskStore
 from medfocus.pipeline.worker_models import check_same_model, set_torch_threads
@@ -146,14 +147,16 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
     encoder = spec.encoder
     if encoder.note:
         log.info("%s", encoder.note)
-    if "attention" in modes and encoder.family == LITEMEDSAM:
+    if "attention" in modes and not encoder.steers_attention:
         raise UnsupportedEncoderFeature(
-            "mode 'attention' biases the attention inside a ViT, and litemedsam has none to bias: "
+            f"mode 'attention' biases the attention inside a ViT, and {encoder.identity['model']} has none to bias: "
             "use the modes none, dual, overlay, blur or crop with it"
         )
     if encoder.random_init:
         _warn_random_init(encoder)
     content_modes, run_modes = {}, {}
+    # External test sets (pipeline.external): encoded into the same stores with the same encoder and ROI steering.
+    externals = load_externals(dataset, params, paths, prepared)
     for mode, store_spec in spec.stores.items():
         mask_store = current_mask_store(dataset, params, paths, spec.segment) if store_spec.mask_store_key else None
         store = FeatureStore.create(feature_store_url(paths, store_spec, params), store_spec.key, store_spec.content,
@@ -161,7 +164,7 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
                                      "mask_store_url": mask_store.url if mask_store else None})
         write_text_embeddings(store, spec)
         run = run_incremental(
-            prepared.work_items(),
+            prepared.work_items() + external_work_items(prepared, externals),
             store.done,
             _features_chunk,
             {"build": encoder.build, "weights_sha256": encoder.identity["weights_sha256"], "store_url": store.url,
@@ -182,6 +185,8 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
                                "mask_store_key": store_spec.mask_store_key,
                                "embedding_source": store_spec.content["embedding_source"], "done": len(done),
                                "done_digest": done_digest(done), "failed": failed}
+        if externals:
+            content_modes[mode]["external"] = external_content(externals, store.done)
         counts = run.to_dict()
         run_modes[mode] = {key: counts[key] for key in ("processed", "skipped", "seconds", "images_per_s")} | {"store": store.url}
     content = {

@@ -33,16 +33,17 @@ from medfocus.pipeline.paths import DatasetPaths, read_json
 from medfocus.pipeline.preparation import PreparedDataset, load_prepared
 from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_versions
 from medfocus.pipeline.results_summary import (
-    MODE_ORDER,
     RANDOM_INIT_HEADLINE,
     cell_text,
     context_lines,
+    external_cell_text,
     flat_headline,
     headline,
     pct,
     signed,
 )
 from medfocus.pipeline.stage_outputs import run_file
+from medfocus.pipeline.vocabulary import STEERING_MODES
 from medfocus.pipeline.trained_heads import HeadRequest, load_head
 from medfocus.trainer import METHODS, fusion_attention
 from medfocus.trainer.plots import plot_attention_overlay
@@ -196,15 +197,25 @@ def results_section(metrics: dict, dataset: str) -> str:
     headline and the compact table come first. The encoder's weights get a column only when rows differ in them."""
     sources = sorted({str(r.get("weights_source")) for r in metrics["results"]})
     class_names = list(dict.fromkeys(name for r in metrics["results"] for name in r.get("sensitivity", {})))
+    external = list(metrics.get("external") or {})  # each external test set's accuracy beside the internal one
+
+    def outside(r: dict, name: str) -> list:
+        cell = r.get("external", {}).get(name)
+        if not cell:
+            return [None, None]
+        return [f"{cell['accuracy']:.2f} ± {cell['accuracy_std']:.2f}", _ci(cell)]
+
     rows, classes = [], []
     for r in sorted(metrics["results"], key=_row_order):
         rows.append([r["method"], r["mode"], subset_label(r["fraction"], r["shots"]),
-                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", _ci(r), _percent(r["balanced_accuracy"]),
+                     f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f}", _ci(r),
+                     *(value for name in external for value in outside(r, name)), _percent(r["balanced_accuracy"]),
                      _percent(r["macro_f1"]), _percent(r["auroc"]),
                      *(_percent(r.get("sensitivity", {}).get(name)) for name in class_names), r["seeds"],
                      *([r["weights_source"]] if len(sources) > 1 else [])])
         classes.append("paper-point" if r["fraction"] == PAPER_FRACTION else "")
     ours = _table(["method", "ROI mode", "training subset", "accuracy % (mean ± std over seeds)", "95 % CI (bootstrap)",
+                   *(text for name in external for text in (f"external {name}: accuracy %", f"external {name}: 95 % CI")),
                    "balanced acc. %", "macro-F1 %", "AUROC %", *(f"sensitivity {name} %" for name in class_names), "seeds",
                    *(["encoder weights"] if len(sources) > 1 else [])], rows, classes, table_class="full")
 
@@ -235,7 +246,7 @@ def results_section(metrics: dict, dataset: str) -> str:
 def _row_order(row: dict) -> tuple:
     """The trainer's methods in their order, the whole image first, then the training subsets in order."""
     method_rank = METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS)
-    mode_rank = MODE_ORDER.index(row["mode"]) if row["mode"] in MODE_ORDER else len(MODE_ORDER)
+    mode_rank = STEERING_MODES.index(row["mode"]) if row["mode"] in STEERING_MODES else len(STEERING_MODES)
     return (method_rank, row["method"], mode_rank, row["mode"], row["fraction"] is None, row["fraction"] or 0.0, row["shots"] or 0)
 
 
@@ -315,6 +326,47 @@ def per_class_section(summary: dict) -> str:
             + _table(["class", "test images", "sensitivity %", "specificity %"], rows, table_class="numbers")
             + f"</div><div><p class=\"note\">Confusion matrix, summed over the {seeds} seed(s) (every seed classifies the "
             f"same test images):</p>{matrix}</div></div>")
+
+
+def external_section(summary: dict, metrics: dict, plots: dict[str, dict[str, str]]) -> str:
+    """Per external test set: internal | external accuracy of every row at every training subset (the same fits), what
+    was removed as copies of the training source, the class map, and its plots (accuracy vs fraction, the confusion
+    matrix of the run fixed in advance)."""
+    external = summary.get("external")
+    if not external:
+        return ""
+    columns = external["columns"]
+    parts = ['<h2 id="external">External test sets: internal | external</h2>']
+    for name, item in external["sets"].items():
+        rows = []
+        for row in item["rows"]:
+            cells = []
+            for column in columns:
+                cell = row["cells"].get(column)
+                ci = cell and cell.get("external_ci95")
+                title = f' title="external 95 % CI {pct(ci[0])}–{pct(ci[1])}"' if ci else ""
+                cells.append(f"<td{title}>{_e(external_cell_text(cell))}</td>")
+            css = ' class="roi"' if row["uses_roi"] else ""
+            rows.append(f"<tr{css}><th>{_e(row['label'])}</th>{''.join(cells)}</tr>")
+        meta = metrics.get("external", {}).get(name, {})
+        copies = meta.get("copies_of_training_source", {})
+        mapping = "; ".join(f"{external_class} = {' + '.join(training)}" for external_class, training in (item["class_map"] or {}).items())
+        unmapped = item.get("unmapped_training_classes") or []
+        parts.append(
+            f"<h3>{_e(name)}: {item['images']} images ({_e(meta.get('root', ''))})</h3>"
+            f'<table class="compact"><thead><tr><th>method</th>{"".join(f"<th>{_e(c)}</th>" for c in columns)}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+            '<p class="note">' f"Each cell: internal test accuracy | accuracy on {_e(name)} (%, mean over seeds; the same fits, "
+            f"never trained, validated or chosen on {_e(name)}); hover for the external 95 % bootstrap interval. Classes: "
+            f"{_e(mapping)} (probabilities summed over the mapped classes)"
+            + (f"; a prediction of {_e(', '.join(unmapped))}, which {_e(name)} lacks, counts as an error" if unmapped else "")
+            + f". Removed from {_e(name)} as copies of {_e(summary['dataset']['name'])} images: {copies.get('byte_copies', 0)} "
+            f"byte-identical and {copies.get('near_copies', 0)} near-copies (examples in metrics.json, external.json).</p>")
+        for kind, caption in (("accuracy", f"Accuracy on {name} against training fraction"),
+                              ("confusion_matrix", f"Confusion matrix on {name}: the run fixed in advance")):
+            if kind in plots.get(name, {}):
+                parts.append(_figure(plots[name][kind], caption))
+    return "".join(parts)
 
 
 def _versions_table(columns: dict[str, dict]) -> str:
@@ -427,7 +479,7 @@ def render_page(dataset: str, info: dict) -> str:
         f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         _banner(random_parts),
-        *(_answer_first(summary) if summary else [
+        *(_answer_first(summary) + [external_section(summary, info["metrics"], info.get("external_plots", {}))] if summary else [
             f"<p>Encoder <code>{_e(info['features'].get('encoder', {}).get('model'))}</code>, weights <code>{_e(weights)}</code>; "
             f"segmenter <code>{_e(info['segment'].get('spec', {}).get('backend'))}</code> with ROI policy "
             f"<code>{_e(info['segment'].get('policy'))}</code>. This metrics.json has no summary: rerun "
@@ -484,6 +536,14 @@ def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     if prepared.summary.get("near_duplicate_groups"):
         write_near_duplicate_gallery(prepared.summary["near_duplicates"]["pairs"], out_dir / NEAR_DUPLICATE_GALLERY,
                                      title=f"{spec.name}: near-copies found by prepare")
+    external_plots = {}
+    index = paths.external_evaluation_dir / "index.json"
+    if index.exists():  # the external test sets' plots (evaluate writes them and names them in index.json)
+        external_plots = read_json(index)["sets"]
+        for files in external_plots.values():
+            for file in files.values():
+                shutil.copyfile(paths.external_evaluation_dir / file, out_dir / f"external_{file}")
+        external_plots = {name: {kind: f"external_{file}" for kind, file in files.items()} for name, files in external_plots.items()}
     overlay_count = min(len(prepared.class_names), params.report.gallery_images)
     overlays, head = write_attention_overlays(spec, prepared, params, paths, out_dir, overlay_count)
 
@@ -495,6 +555,7 @@ def report(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
         "prepare": prepared.summary,
         "head": head,
         "overlays": overlays,
+        "external_plots": external_plots,
         "random_init_parts": random_parts,
         "params": params.model_dump(by_alias=True, mode="json"),
         "versions": {"segment": segment_summary.get("versions", {}), "features": features_summary.get("versions", {}),

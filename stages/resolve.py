@@ -6,7 +6,11 @@ two outputs change only when a spec does, so segment and features rerun exactly 
 
 - ``segment.spec.json``: the mask store's spec and key;
 - ``features.spec.json``: the encoder actually used, the feature stores' specs and keys (each naming the mask store
-  it reads), and the class names and prompts whose text embeddings the stores hold.
+  it reads), and the class names and prompts whose text embeddings the stores hold;
+- ``external.json``: the external test sets whose images the stores will also hold (evaluate.external, see
+  :mod:`medfocus.pipeline.external`): their folders sit in a nested params mapping that dvc.yaml's ``foreach`` cannot
+  list as dependencies, so this always-run stage lists them (reading no unchanged file again) and rewrites the file
+  only when a set's images, classes or class map change.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import resolve_specs
 from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.external import prepare_externals
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.preparation import load_prepared
 
@@ -25,7 +30,9 @@ log = logging.getLogger(__name__)
 def resolve(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     prepared = load_prepared(dataset, params, paths, progress=False)
     segment, features = resolve_specs(dataset, params, paths, prepared)
+    external = prepare_externals(dataset, params, paths, prepared)
     if features.encoder.note:
         log.info("%s", features.encoder.note)
     return {"segment": segment.key, "features": {mode: store.key for mode, store in features.stores.items()},
-            "encoder": features.encoder.identity["model"], "weights_source": features.encoder.weights_source}
+            "encoder": features.encoder.identity["model"], "weights_source": features.encoder.weights_source,
+            "external": {name: item["images"] for name, item in external["sets"].items()}}

@@ -17,6 +17,7 @@ import logging
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_segment_spec, mask_store_url
 from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.external import external_content, external_work_items, load_externals
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.preparation import PreparedDataset, load_manifest_image, load_prepared
 from medfocus.pipeline.provenance import package_versions
@@ -60,8 +61,11 @@ def segment(dataset: DatasetSpec, params: Params, paths: DatasetPaths, progress:
         log.warning("RANDOM-INIT SEGMENTER: the masks of %s come from a segmenter without trained weights", dataset.name)
     store = MaskStore.create(mask_store_url(paths, spec, params), spec.key, spec.content,
                              {"versions": package_versions(), "build_options": spec.build_options})
+    # External test sets (pipeline.external) go into the same store with the same segmenter; their images add work
+    # items only: the store's key, the manifest and the training dataset's counts below are unchanged.
+    externals = load_externals(dataset, params, paths, prepared)
     run = run_incremental(
-        prepared.work_items(),
+        prepared.work_items() + external_work_items(prepared, externals),
         store.done,
         _segment_chunk,
         {"build_options": spec.build_options, "weights_sha256": spec.content["model"]["weights_sha256"],
@@ -75,7 +79,9 @@ def segment(dataset: DatasetSpec, params: Params, paths: DatasetPaths, progress:
     for failure in run.failed:
         log.warning("segmentation failed for %s: %s", failure["path"], failure["reason"])
     content = {"stage": "segment", "dataset": dataset.name, "store_key": spec.key, "spec": spec.content,
-               "policy": spec.build_options["policy"], "weights": spec.content["model"]["weights_sha256"],
+               "policy": spec.content["policy"]["name"], "weights": spec.content["model"]["weights_sha256"],
                "random_init": spec.random_init}
+    if externals:
+        content["external"] = external_content(externals, store.done)
     return write_stage_outputs(paths.segment_summary, content, run, prepared, store,
                                {"store": store.url, "build_options": spec.build_options})

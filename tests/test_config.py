@@ -123,13 +123,15 @@ def test_valid_enumerated_settings_pass(key, value):
 
 
 def test_policy_names_in_params_are_the_segmenters_policies():
-    """params.py keeps the names without importing torch; they must be exactly the policies the segmenter knows."""
-    from typing import get_args
+    """segment.policy takes 'auto', exactly the built-in policies the segmenter knows (the shipped policy files), or
+    the path of a policy file."""
+    from medfocus.pipeline.segmenters.policies import BUILTIN_POLICY_DIR, POLICIES
 
-    from medfocus.pipeline.config import RoiPolicyName
-    from medfocus.pipeline.segmenters.policies import POLICIES
-
-    assert set(get_args(RoiPolicyName)) == {"auto", *POLICIES}
+    assert set(POLICIES) == {path.stem for path in BUILTIN_POLICY_DIR.glob("*.json")}
+    for name in ("auto", *POLICIES):
+        assert parse_params({"segment": {"policy": name}}).segment.policy == name
+    shipped = str(BUILTIN_POLICY_DIR / "grid-score.json")
+    assert parse_params({"segment": {"policy": shipped}}).segment.policy == shipped
 
 
 def test_registered_datasets_come_from_the_packaged_data_file():

@@ -259,6 +259,14 @@ def test_terminal_text_holds_the_headline_table_and_per_class(toy):
     assert text.rstrip().endswith("all runs and metrics: cache/toy/metrics.json")
 
 
+def test_features_without_a_segmenter_say_so_instead_of_naming_none():
+    runs = _runs({("linear_probe", "none"): {0.05: 0.6}})
+    summary = summarize(_results(runs), runs, dataset=DATASET, models=MODELS | {"segmenter": None}, paper=None,
+                        paper_datasets=[], chosen=None)
+    text = render_text(summary, "cache/toy/metrics.json")
+    assert "no segmenter (no evaluated mode uses an ROI)" in text and "None" not in text
+
+
 def test_methods_that_could_not_run_are_named():
     runs = _runs({("medfocus", "none"): {1.0: 0.5}})
     skipped = {"zero_shot/none": "zero_shot needs class prompt embeddings; methods that work without text: ...",

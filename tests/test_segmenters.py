@@ -451,7 +451,7 @@ def synthetic_pools(count: int = 12):
         decoy = square_candidate(decoy_x, decoy_y, decoy_x + 0.16, decoy_y + 0.16, score=0.9)
         first = [decoy, right]
         pools.append(CandidatePool(image="synthetic", class_name="benign", gray=gray, first=first,
-                                   first_dice=np.array([0.0, 0.9]), refined=[], refined_dice=np.zeros(0),
+                                   first_scores=np.array([0.0, 0.9]), refined=[], refined_scores=np.zeros(0),
                                    refined_parents=[]))
     return pools
 
@@ -467,4 +467,4 @@ def test_fit_weights_learns_the_informative_feature():
     assert all(simulate_choice(pool, fitted) == pytest.approx(0.9) for pool in pools)
     assert simulate_choice(pools[0], policy) == 0.0  # predicted IoU alone picks the decoy
     report = cross_validate(pools, policy, folds=3, names=("iou", "darkness"))
-    assert report["cv_dice"] == pytest.approx(0.9) and report["oracle_dice"] == pytest.approx(0.9)
+    assert report["cv_score"] == pytest.approx(0.9) and report["oracle_score"] == pytest.approx(0.9)

@@ -1,7 +1,8 @@
 """medfocus.pipeline.encoders: image + ROI -> global embedding and patch tokens.
 
-``create_encoder`` builds an open_clip or LiteMedSAM encoder; ``steering`` holds the ROI steering modes
-(``none``, ``overlay``, ``blur``, ``crop``, ``attention``, ``dual``) and their canonical parameters for the cache key.
+``create_encoder`` builds an open_clip, LiteMedSAM or EfficientNet-Lite encoder; ``steering`` holds the ROI
+steering modes (``none``, ``overlay``, ``blur``, ``crop``, ``attention``, ``dual``) and their canonical parameters for
+the cache key.
 
 Names are imported on first use: the steering helpers and the spec resolvers need neither open_clip nor the models,
 and the resolve stage (run on every ``dvc repro``) should not pay for importing them.
@@ -15,6 +16,7 @@ from typing import Any
 _EXPORTS = {
     "base": ("RANDOM_INIT", "ImageEncoder", "PretrainedWeightsUnavailable", "UnsupportedEncoderFeature", "letterbox"),
     "factory": ("create_encoder",),
+    "efficientnet": ("EfficientNetLiteEncoder",),
     "litemedsam": ("LiteMedSamEncoder",),
     "open_clip_encoder": ("OpenClipEncoder",),
     "steering": ("DEFAULT_STEERING_PARAMS", "STEERING_MODES", "attention_bias", "crop_box", "resize_mask_nearest",

@@ -53,6 +53,21 @@ class ImageEncoder(Protocol):
         """(N, D) L2-normalised text embeddings; raises :class:`UnsupportedEncoderFeature` without a text tower."""
 
 
+def common_description(encoder) -> dict:
+    """What every encoder's ``describe()`` starts with: family, weights and sizes."""
+    return {
+        "family": encoder.family,
+        "pretrained": encoder.pretrained,
+        "weights_source": encoder.weights_source,
+        "weights_sha256": encoder.weights_sha256,
+        "random_init_seed": RANDOM_INIT_SEED if encoder.weights_source == RANDOM_INIT else None,
+        "image_size": encoder.image_size,
+        "embed_dim": encoder.embed_dim,
+        "grid": list(encoder.grid),
+        "num_patches": encoder.grid[0] * encoder.grid[1],
+    }
+
+
 def letterbox(image: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
     """Resize ``image`` so that its longer side is ``size`` and centre it on a black ``size`` x ``size`` square.
 

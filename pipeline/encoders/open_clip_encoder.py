@@ -25,7 +25,7 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
-from .base import RANDOM_INIT, RANDOM_INIT_SEED, UnsupportedEncoderFeature, letterbox, to_normalised_tensor
+from .base import UnsupportedEncoderFeature, common_description, letterbox, to_normalised_tensor
 from .steering import canonical_layers
 
 _RESAMPLING = {
@@ -230,16 +230,8 @@ class OpenClipEncoder:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "family": self.family,
+            **common_description(self),
             "model": self.model_name,
-            "pretrained": self.pretrained,
-            "weights_source": self.weights_source,
-            "weights_sha256": self.weights_sha256,
-            "random_init_seed": RANDOM_INIT_SEED if self.weights_source == RANDOM_INIT else None,
-            "image_size": self.image_size,
-            "embed_dim": self.embed_dim,
-            "grid": list(self.grid),
-            "num_patches": self.num_patches,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "preprocess": {
                 "resize": "letterbox",

@@ -24,7 +24,8 @@ def create_segmenter(
     allow_random_init: bool = False,
     **backend_options,
 ) -> Segmenter:
-    """Build a segmenter. ``policy`` names an ROI policy (see ``policies.POLICIES``); ``backend_options`` go to
+    """Build a segmenter. ``policy`` is an ROI policy: a built-in name, a policy file, a description (a spec's) or a
+    ``RoiPolicy`` (``policies.get_policy``); ``backend_options`` go to
     the backend (litemedsam: ``pretrained``; sam2: ``model_size``, ``checkpoint``, ``mode``, ``image_size``,
     ``points_per_side``, ``points_per_batch``, ``pred_iou_thresh``, ``stability_score_thresh``,
     ``box_nms_thresh``, ``pretrained``)."""

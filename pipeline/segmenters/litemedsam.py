@@ -76,7 +76,7 @@ class LiteMedSAMSegmenter:
     ) -> None:
         if not pretrained and not allow_random_init:
             raise ValueError("litemedsam with pretrained=False needs allow_random_init=True (random-init is for tests)")
-        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.policy = get_policy(policy)  # a name, a policy file, or a policy description (the spec's)
         self.store_resolution = int(store_resolution)
         self.device = device
         self.net, self.checkpoint = load_litemedsam("bundled" if pretrained else "none", device)

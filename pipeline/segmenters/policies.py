@@ -1,15 +1,27 @@
 """ROI policies as data: which box prompts to try and how to score the masks they give (:mod:`.selection` runs them).
 
-Policies are data (:data:`POLICIES`): pick one by name in params; :data:`DEFAULT_POLICY_BY_DATASET` says which
-one each dataset uses by default and why (measured numbers are in benchmarks/README.md). This module imports no
-torch: the resolve stage, run on every ``dvc repro``, describes the policy in the mask store's spec.
+A policy is a *policy file* (JSON, :class:`PolicyFile`, versioned, validated: an unknown key, an unknown proposal
+kind or a bad value is refused with the key named). The built-in policies are such files shipped in
+``builtin_policies/`` beside this module and loaded by name (:data:`POLICIES`); ``medfocus roi-fit`` writes new ones
+(:mod:`.policy_fit`). ``segment.policy`` names a built-in policy, ``auto`` (:data:`DEFAULT_POLICY_BY_DATASET`) or the
+path of a policy file; a relative path is read from the working directory. What the mask store's key hashes is the
+policy as data (:meth:`RoiPolicy.describe`), never the path, so moving or reformatting a file changes nothing and a
+refitted one reruns segmentation.
+
+This module imports no torch: the resolve stage, run on every ``dvc repro``, describes the policy in the mask store's spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BLOB_SCALES = (0.025, 0.05, 0.1)
 BLOB_SURROUND = 2.0
@@ -56,6 +68,7 @@ class RoiPolicy:
     blob_half_sides: tuple[float, ...] = ()  # box half-sides as fixed fractions of the image side
     blob_scales: tuple[float, ...] = BLOB_SCALES  # blob detector scales (find_blobs' sigmas)
     blob_surround: float = BLOB_SURROUND  # its surround-to-centre scale ratio
+    blob_foreground_erosion: float | None = None  # blob centres only inside the foreground eroded by this share of the side
     mask_outputs: str = "single"
     refine_steps: int = 0
     refine_top: int = 1
@@ -77,74 +90,296 @@ class RoiPolicy:
         description["weights"] = dict(sorted(self.weights.items()))
         for name in ("grid_scales", "blob_sigma_scales", "blob_half_sides", "blob_scales"):
             description[name] = list(description[name])
+        if description["blob_foreground_erosion"] is None:  # policies without it describe themselves as before
+            del description["blob_foreground_erosion"]
         return description
 
+    @classmethod
+    def from_description(cls, description: Mapping[str, Any]) -> RoiPolicy:
+        """The policy :meth:`describe` described (what a mask store's spec and a segmenter's build options hold)."""
+        values = dict(description)
+        for name in ("grid_scales", "blob_sigma_scales", "blob_half_sides", "blob_scales"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
 
-POLICIES: dict[str, RoiPolicy] = {
-    policy.name: policy
-    for policy in (
-        RoiPolicy(
-            name="whole-image",
-            summary="one box prompt covering the whole image (the naive baseline)",
-        ),
-        RoiPolicy(
-            name="centre-box",
-            summary="one central box prompt covering the middle half of each side (fixed-box baseline)",
-            whole_box=False,
-            center_side=0.5,
-        ),
-        RoiPolicy(
-            name="grid-score",
-            summary="whole image + centre + 2 scales x 3x3 grid boxes, ranked by predicted IoU, stability, "
-            "prompt agreement and border contact, one refinement",
-            center_side=0.5,
-            grid_scales=(0.35, 0.6),
-            refine_steps=1,
-            weights={"iou": 1.0, "stability": 0.5, "consensus": 1.0, "border": -1.0},
-        ),
-        RoiPolicy(
-            name="dark-blob",
-            summary="whole image + 4 dark blobs x 3 box sizes, every mask output, ranked by a linear score fitted "
-            "on the BUSI tune half, one refinement of the best mask",
-            blob_polarity="dark",
-            blob_count=4,
-            blob_sigma_scales=(2.5,),
-            blob_half_sides=(0.1, 0.28),
-            mask_outputs="all",
-            refine_steps=1,
-            # policy_fit.fit_weights on 160 of the 323 lesion images of the tune half (split_tune_report, seed 0);
-            # 5-fold CV Dice there 0.656. Report-half numbers: benchmarks/README.md.
-            weights={
-                "iou": 1.511, "stability": -0.9933, "log_area": 0.62, "log_area_sq": -0.01896, "border": -14.65,
-                "darkness": 1.223, "inside_offset": -7.398, "inside_std": 11.3, "edge": 1.784, "fill": 1.362,
-                "consensus": 12.85, "support": -7.204, "centre_y": -4.064, "centre_x_offset": -3.62,
-                "box_touch": -0.521, "seed_rank": -0.0461, "whole": -0.9126,
-            },
-        ),
-        RoiPolicy(
-            name="demo-lesion",
-            summary="whole image + 4 dark blobs at the demo lesions' scale x 2 box sizes, every mask output, ranked by "
-            "a linear score fitted on the demo's tune half, one refinement of the best mask",
-            blob_polarity="dark",
-            blob_count=4,
-            blob_scales=(0.05,),
-            blob_surround=3.0,
-            blob_sigma_scales=(2.0, 3.0),
-            mask_outputs="all",
-            refine_steps=1,
-            min_area=0.005,
-            max_area=0.2,
-            # policy_fit.fit_weights on demo images 0-19 of each class (generator v3, LiteMedSAM); 5-fold CV Dice there
-            # 0.899, Dice 0.842 on images 20-39 (oracle 0.894). benchmarks/README.md: demo ROI.
-            weights={
-                "iou": 0.3219, "stability": 0.6284, "log_area": -0.4624, "log_area_sq": 0.05117, "border": -9.734,
-                "darkness": 0.9083, "inside_offset": -6.358, "inside_std": -3.574, "edge": 1.294, "fill": -2.892,
-                "consensus": 4.099, "support": 0.2228, "centre_y": -0.558, "centre_x_offset": -1.404,
-                "box_touch": 1.349, "seed_rank": -0.3305,
-            },
-        ),
-    )
-}
+
+# --- the policy file ---------------------------------------------------------------------------------------------------
+
+POLICY_FILE_FORMAT = "medfocus-roi-policy"
+POLICY_FILE_VERSION = 1
+
+
+class PolicyFileError(ValueError):
+    """A policy file that cannot be used: the message (one line) names the file and the key."""
+
+
+class RoiInputError(ValueError):
+    """Ground truth, a split rule or data that ``roi-eval`` / ``roi-fit`` cannot use: the message says which and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WholeImageProposal(_Strict):
+    """One box prompt covering the whole image."""
+
+    kind: Literal["whole-image"]
+
+
+class CentreProposal(_Strict):
+    """One central square box prompt; ``side`` is its side as a fraction of the image's."""
+
+    kind: Literal["centre"]
+    side: float = Field(gt=0.0, le=1.0)
+
+
+class GridProposal(_Strict):
+    """Square boxes of each side in ``scales`` (fractions), centres on a ``steps`` x ``steps`` grid."""
+
+    kind: Literal["grid"]
+    scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(min_length=1)
+    steps: int = Field(default=3, ge=1)
+
+
+class BlobProposal(_Strict):
+    """Boxes around the ``count`` strongest blobs darker (or brighter) than their surroundings (selection.find_blobs):
+    half-sides ``sigma_scales`` x the blob's scale, and ``half_sides`` as fixed fractions of the image side."""
+
+    kind: Literal["blobs"]
+    polarity: Literal["dark", "bright"]
+    count: int = Field(ge=1)
+    sigma_scales: list[Annotated[float, Field(gt=0.0)]] = Field(default=[2.5])
+    half_sides: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=list)
+    detector_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default=list(BLOB_SCALES), min_length=1)
+    surround: float = Field(default=BLOB_SURROUND, gt=1.0)
+    foreground_erosion: float | None = Field(
+        default=None, ge=0.0, lt=0.5,
+        description="Blob centres only inside the image's foreground eroded by this share of the side (brain MRI: the "
+                    "head without skull and scalp); unset: anywhere.")
+
+
+Proposal = Annotated[Union[WholeImageProposal, CentreProposal, GridProposal, BlobProposal], Field(discriminator="kind")]
+PROPOSAL_KINDS = ("whole-image", "centre", "grid", "blobs")
+
+
+class Decoding(_Strict):
+    mask_outputs: Literal["single", "multi", "all"] = Field(default="single", description="SAM's single-mask output, its three multimask outputs, or all four.")
+    batch: int = Field(default=1, ge=1, description="Prompts per decoder call (speed only).")
+
+
+class Refinement(_Strict):
+    steps: int = Field(default=0, ge=0, description="Rounds of re-prompting the best masks with their own bounding box.")
+    top: int = Field(default=1, ge=1, description="How many of the best masks are re-prompted each round.")
+    margin: float = Field(default=0.15, ge=0.0, description="Growth of that box on every side, as a fraction of its size.")
+
+
+class Selection(_Strict):
+    weights: dict[str, float] = Field(min_length=1, description="Linear score over the mask features (FEATURE_NAMES).")
+    min_area: float = Field(default=0.002, ge=0.0, le=1.0)
+    max_area: float = Field(default=0.9, gt=0.0, le=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_features(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(FEATURE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(FEATURE_NAMES)}")
+        return weights
+
+    @model_validator(mode="after")
+    def _area_range(self) -> Selection:
+        if self.min_area >= self.max_area:
+            raise ValueError(f"min_area {self.min_area} must be below max_area {self.max_area}")
+        return self
+
+
+class GroundTruthSource(_Strict):
+    kind: Literal["masks", "yolo-boxes", "csv-boxes"]
+    path: str
+    mask_suffix: str | None = None
+
+
+class FitSplit(_Strict):
+    rule: str = Field(description="The held-out rule in words.")
+    group_by: str
+    holdout_fraction: float | None = None
+    holdout_from: int | None = None
+    seed: int = 0
+
+
+class FitProvenance(_Strict):
+    """Where and how a policy was fitted (``medfocus roi-fit``); not part of what decides the masks."""
+
+    dataset: str
+    images_root: str
+    ground_truth: GroundTruthSource
+    split: FitSplit
+    counts: dict[str, int]
+    started_from: str
+    objective: str
+    backend: str
+    weights_sha256: str
+    tune_cv_score: float | None = None
+    date: str
+    medfocus_version: str
+    command: str | None = None
+
+
+class HeldOutScores(_Strict):
+    """The fitted policy measured once on the held-out images with a lesion (its choice simulated on their candidates)."""
+
+    n: int
+    box_iou: float
+    hit_rate: float
+    dice: float | None = None
+    start_policy_box_iou: float | None = None
+    start_policy_dice: float | None = None
+    whole_image_box_iou: float
+    no_lesion_images: int = 0
+
+
+class PolicyFile(_Strict):
+    """A policy file: what the ROI policy does (proposals, decoding, refinement, selection) and, for a fitted one,
+    where and how it was fitted and its held-out scores."""
+
+    format: Literal["medfocus-roi-policy"]
+    version: int
+    name: str = Field(min_length=1)
+    summary: str = ""
+    proposals: list[Proposal] = Field(min_length=1)
+    decoding: Decoding = Field(default_factory=Decoding)
+    refinement: Refinement = Field(default_factory=Refinement)
+    selection: Selection
+    fitted: FitProvenance | None = None
+    held_out: HeldOutScores | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if version != POLICY_FILE_VERSION:
+            raise ValueError(f"policy file version {version} is not one this medfocus reads (version {POLICY_FILE_VERSION})")
+        return version
+
+    @field_validator("proposals")
+    @classmethod
+    def _one_of_each_kind(cls, proposals: list) -> list:
+        kinds = [proposal.kind for proposal in proposals]
+        twice = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if twice:
+            raise ValueError(f"proposal kind(s) {twice} listed more than once (list each kind once)")
+        return proposals
+
+    def to_policy(self) -> RoiPolicy:
+        """The runtime policy (:class:`RoiPolicy`); absent proposal kinds leave their fields at the defaults."""
+        values: dict[str, Any] = {"name": self.name, "summary": self.summary, "whole_box": False}
+        for proposal in self.proposals:
+            if proposal.kind == "whole-image":
+                values["whole_box"] = True
+            elif proposal.kind == "centre":
+                values["center_side"] = proposal.side
+            elif proposal.kind == "grid":
+                values |= {"grid_scales": tuple(proposal.scales), "grid_steps": proposal.steps}
+            else:
+                values |= {"blob_polarity": proposal.polarity, "blob_count": proposal.count,
+                           "blob_sigma_scales": tuple(proposal.sigma_scales), "blob_half_sides": tuple(proposal.half_sides),
+                           "blob_scales": tuple(proposal.detector_scales), "blob_surround": proposal.surround,
+                           "blob_foreground_erosion": proposal.foreground_erosion}
+        return RoiPolicy(**values, mask_outputs=self.decoding.mask_outputs, decode_batch=self.decoding.batch,
+                         refine_steps=self.refinement.steps, refine_top=self.refinement.top,
+                         refine_margin=self.refinement.margin, weights=dict(self.selection.weights),
+                         min_area=self.selection.min_area, max_area=self.selection.max_area)
+
+    def dump(self) -> str:
+        """The file's text: indented JSON, unset provenance left out."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+
+
+def policy_file_from(policy: RoiPolicy, fitted: FitProvenance | None = None,
+                     held_out: HeldOutScores | None = None) -> PolicyFile:
+    """The policy file of a runtime policy (``to_policy`` gives it back, ``describe()`` equal)."""
+    proposals: list[dict] = []
+    if policy.whole_box:
+        proposals.append({"kind": "whole-image"})
+    if policy.center_side:
+        proposals.append({"kind": "centre", "side": policy.center_side})
+    if policy.grid_scales:
+        proposals.append({"kind": "grid", "scales": list(policy.grid_scales), "steps": policy.grid_steps})
+    if policy.blob_polarity and policy.blob_count:
+        proposals.append({"kind": "blobs", "polarity": policy.blob_polarity, "count": policy.blob_count,
+                          "sigma_scales": list(policy.blob_sigma_scales), "half_sides": list(policy.blob_half_sides),
+                          "detector_scales": list(policy.blob_scales), "surround": policy.blob_surround}
+                         | ({"foreground_erosion": policy.blob_foreground_erosion}
+                            if policy.blob_foreground_erosion is not None else {}))
+    return PolicyFile.model_validate({
+        "format": POLICY_FILE_FORMAT, "version": POLICY_FILE_VERSION, "name": policy.name, "summary": policy.summary,
+        "proposals": proposals, "decoding": {"mask_outputs": policy.mask_outputs, "batch": policy.decode_batch},
+        "refinement": {"steps": policy.refine_steps, "top": policy.refine_top, "margin": policy.refine_margin},
+        "selection": {"weights": dict(policy.weights), "min_area": policy.min_area, "max_area": policy.max_area},
+        "fitted": fitted.model_dump() if fitted else None, "held_out": held_out.model_dump() if held_out else None,
+    })
+
+
+def _one_line(error: ValidationError) -> str:
+    """Every problem of a policy file on one line, each with its key."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        elif item["type"] == "union_tag_invalid":
+            problems.append(f"{key}: unknown proposal kind {item['input'].get('kind')!r} (known: {', '.join(PROPOSAL_KINDS)})")
+        elif item["type"] == "union_tag_not_found":
+            problems.append(f"{key}: a proposal needs a 'kind' ({', '.join(PROPOSAL_KINDS)})")
+        else:
+            problems.append(f"{key or 'file'}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def parse_policy_file(text: str, source: str = "policy file") -> PolicyFile:
+    """Validate a policy file's text; every problem is a :class:`PolicyFileError` naming ``source`` and the key."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PolicyFileError(f"{source}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise PolicyFileError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != POLICY_FILE_FORMAT:
+        raise PolicyFileError(f"{source}: not a medfocus ROI policy file (its 'format' must be {POLICY_FILE_FORMAT!r}, "
+                              f"got {raw.get('format')!r})")
+    try:
+        return PolicyFile.model_validate(raw)
+    except ValidationError as error:
+        raise PolicyFileError(f"{source}: {_one_line(error)}") from None
+
+
+def read_policy_file(path: str | Path) -> PolicyFile:
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolicyFileError(f"policy file {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    return parse_policy_file(text, str(path))
+
+
+# --- the built-in policies: files shipped with the package ------------------------------------------------------------
+
+BUILTIN_POLICY_DIR = Path(__file__).resolve().parent / "builtin_policies"
+
+
+def _load_builtin() -> dict[str, RoiPolicy]:
+    policies = {}
+    for path in sorted(BUILTIN_POLICY_DIR.glob("*.json")):
+        policy = read_policy_file(path).to_policy()
+        if policy.name != path.stem:
+            raise PolicyFileError(f"{path}: a built-in policy's name must be its file's name, got {policy.name!r}")
+        policies[policy.name] = policy
+    return policies
+
+
+POLICIES: dict[str, RoiPolicy] = _load_builtin()
+BUILTIN_POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
 
 
 DEFAULT_POLICY_BY_DATASET: dict[str, str] = {
@@ -159,10 +394,43 @@ DEFAULT_POLICY_BY_DATASET: dict[str, str] = {
 GENERIC_DEFAULT_POLICY = "grid-score"
 
 
-def get_policy(name: str) -> RoiPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown ROI policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name]
+def is_builtin(reference: str) -> bool:
+    return reference in POLICIES
+
+
+def check_policy_reference(value: str) -> str:
+    """``segment.policy``'s check: ``auto``, a built-in name, or a readable, valid policy file (returned unchanged)."""
+    if value == "auto" or is_builtin(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        names = ", ".join(repr(name) for name in ("auto", *BUILTIN_POLICY_NAMES))
+        raise ValueError(f"unknown ROI policy {value!r}: give {names} or the path of a policy file "
+                         f"(no file {path.resolve()}; a relative path is read from the working directory)")
+    read_policy_file(path)
+    return value
+
+
+def get_policy(reference: str | Path | Mapping | RoiPolicy) -> RoiPolicy:
+    """A policy from a built-in name, a policy file's path, a description (:meth:`RoiPolicy.describe`) or itself."""
+    if isinstance(reference, RoiPolicy):
+        return reference
+    if isinstance(reference, Mapping):
+        return RoiPolicy.from_description(reference)
+    if str(reference) in POLICIES:
+        return POLICIES[str(reference)]
+    path = Path(reference).expanduser()
+    if not path.is_file():
+        raise ValueError(f"unknown ROI policy {str(reference)!r}; choose one of {sorted(POLICIES)} or give a policy file")
+    return read_policy_file(path).to_policy()
+
+
+def policy_content_hash(reference: str) -> str | None:
+    """sha256 of a policy file's policy as data (its :meth:`RoiPolicy.describe`); None for ``auto`` and built-in names."""
+    if reference == "auto" or is_builtin(reference):
+        return None
+    canonical = json.dumps(get_policy(reference).describe(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def default_policy_for(dataset: str) -> str:

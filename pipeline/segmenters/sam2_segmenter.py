@@ -164,7 +164,7 @@ class Sam2Segmenter:
             raise ValueError(f"mode 'auto' runs the generator at the model's {NATIVE_IMAGE_SIZE}² input only")
         if not pretrained and not allow_random_init:
             raise ValueError("sam2 with pretrained=False needs allow_random_init=True (random-init is for tests)")
-        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.policy = get_policy(policy)  # a name, a policy file, or a policy description (the spec's)
         self.store_resolution = int(store_resolution)
         self.device = device
         self.model_size = model_size

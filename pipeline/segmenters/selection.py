@@ -89,6 +89,7 @@ def find_blobs(
     surround: float = BLOB_SURROUND,
     border_margin: float = 0.05,
     depth_penalty: float = 0.1,
+    foreground_erosion: float | None = None,
 ) -> list[Blob]:
     """The ``count`` strongest blobs darker ("dark") or brighter ("bright") than their surroundings.
 
@@ -97,12 +98,14 @@ def find_blobs(
     the image edge are dropped (black margins and reflect padding make edges look like blobs), and the
     response is lowered by ``depth_penalty`` x (how far below mid-height the centre lies), since deep dark
     bands (acoustic shadows, chest wall) are not what an ROI should be. Strongest first; a blob whose centre
-    lies within the scale of a stronger one is dropped.
+    lies within the scale of a stronger one is dropped. With ``foreground_erosion``, only centres inside the
+    foreground (:func:`foreground_interior`) count: on brain MRI the skull and scalp are the brightest blobs.
     """
     if polarity not in ("dark", "bright"):
         raise ValueError(f"blob polarity must be 'dark' or 'bright', got {polarity!r}")
     image = torch.from_numpy(gray).float()[None, None]
     size = image.shape[-1]
+    allowed = foreground_interior(gray, foreground_erosion) if foreground_erosion is not None else None
     found: list[Blob] = []
     for sigma in sigmas:
         sigma_px = sigma * size
@@ -111,6 +114,8 @@ def find_blobs(
             response = -response
         window = 2 * max(1, int(round(sigma_px))) + 1
         peaks = (response == F.max_pool2d(response, window, stride=1, padding=window // 2)) & (response > 0)
+        if allowed is not None:
+            peaks &= allowed
         ys, xs = torch.nonzero(peaks[0, 0], as_tuple=True)
         for y, x in zip(ys.tolist(), xs.tolist()):
             cx, cy = (x + 0.5) / size, (y + 0.5) / size
@@ -126,6 +131,19 @@ def find_blobs(
         if len(chosen) == count:
             break
     return chosen
+
+
+FOREGROUND_LEVEL = 0.08  # gray level (0-1) above which a smoothed pixel is foreground (MRI background is near black)
+
+
+def foreground_interior(gray: np.ndarray, erosion: float) -> torch.Tensor:
+    """The image's foreground (smoothed gray above FOREGROUND_LEVEL, small gaps closed) eroded by ``erosion`` x the
+    image side: on a brain MRI slice, the head without its skull and scalp."""
+    image = torch.from_numpy(gray).float()[None, None]
+    foreground = (_gaussian_blur(image, 3.0) > FOREGROUND_LEVEL).float()
+    foreground = -F.max_pool2d(-F.max_pool2d(foreground, 9, stride=1, padding=4), 9, stride=1, padding=4)
+    radius = max(1, int(round(erosion * gray.shape[-1])))
+    return (-F.max_pool2d(-foreground, 2 * radius + 1, stride=1, padding=radius))[0, 0] > 0.5
 
 
 def grid_boxes(scales: tuple[float, ...], steps: int) -> list[tuple[str, list[float]]]:
@@ -262,7 +280,8 @@ def proposals(policy: RoiPolicy, gray: np.ndarray) -> list[tuple[str, list[float
         boxes.append((f"centre {policy.center_side:.2f}", [low, low, high, high], {}))
     boxes.extend((source, box, {}) for source, box in grid_boxes(policy.grid_scales, policy.grid_steps))
     if policy.blob_polarity and policy.blob_count:
-        blobs = find_blobs(gray, policy.blob_polarity, policy.blob_count, policy.blob_scales, policy.blob_surround)
+        blobs = find_blobs(gray, policy.blob_polarity, policy.blob_count, policy.blob_scales, policy.blob_surround,
+                           foreground_erosion=policy.blob_foreground_erosion)
         for rank, blob in enumerate(blobs, start=1):
             half_sides = [scale * blob.sigma for scale in policy.blob_sigma_scales] + list(policy.blob_half_sides)
             for half in half_sides:

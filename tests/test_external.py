@@ -1,0 +1,302 @@
+"""External test sets (issue 28): a test-only set from another source, scored by every fit beside the internal split.
+
+Small generated data: a training dataset of demo scans (three classes) and external sets with coarser or partial
+classes. The class-map arithmetic is checked by hand; the end-to-end test runs prepare, segment (real LiteMedSAM,
+whole-image ROI), features (a random-init ViT-B-32: the numbers check the pipeline, not accuracy), evaluate and report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from medfocus.pipeline.config import parse_params
+from medfocus.pipeline.datasets import resolve_dataset
+from medfocus.pipeline.external import ExternalSetError, map_probabilities, mapping_matrix, resolve_class_map
+from medfocus.pipeline.demo import render_demo_sample
+from medfocus.pipeline.paths import DatasetPaths
+from medfocus.stages.evaluate import score_external
+
+from .test_segment_stage import medfocus, stage_json
+
+TUMOURS = ["glioma_tumor", "meningioma_tumor", "pituitary_tumor"]
+TRAINING = ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
+
+
+# ---------------------------------------------------------------------------------------------------- class maps
+def test_a_coarser_class_sums_the_probabilities_of_its_mapped_classes():
+    class_map = resolve_class_map("br35h", ["no_tumor", "tumor"], TRAINING, {"tumor": TUMOURS})
+    assert class_map == {"no_tumor": ["no_tumor"], "tumor": TUMOURS}  # no_tumor matched by name
+    matrix = mapping_matrix(class_map, ["no_tumor", "tumor"], TRAINING)
+    # glioma 0.2, meningioma 0.3, no_tumor 0.4, pituitary 0.1: tumour = 0.2 + 0.3 + 0.1 = 0.6 beats no tumour's 0.4,
+    # although no_tumor is the single most likely training class.
+    proba = np.array([[0.2, 0.3, 0.4, 0.1], [0.05, 0.05, 0.85, 0.05]])
+    assert np.allclose(map_probabilities(proba, matrix), [[0.4, 0.6], [0.85, 0.15]])
+    scores = score_external(proba, [1, 1], matrix, ["no_tumor", "tumor"])  # both are tumours
+    assert scores["correct"] == [1, 0] and scores["accuracy"] == 0.5
+    assert scores["confusion_matrix"] == [[0, 0], [1, 1]]
+
+
+def test_a_prediction_of_a_class_the_external_set_lacks_is_an_error_in_its_confusion_matrix():
+    training = ["alpha", "beta", "gamma"]
+    class_map = resolve_class_map("partial", ["Alpha", "beta"], training, {})  # matched by name, case ignored
+    columns = ["Alpha", "beta", "gamma"]  # gamma: no external class maps it, so it keeps a column of its own
+    matrix = mapping_matrix(class_map, ["Alpha", "beta"], training)
+    proba = np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1], [0.3, 0.6, 0.1]])
+    scores = score_external(proba, [0, 0, 1], matrix, columns)
+    assert scores["correct"] == [0, 1, 1] and scores["accuracy"] == pytest.approx(2 / 3)
+    assert scores["confusion_matrix"][0] == [1, 0, 1]  # the Alpha image predicted gamma counts, in gamma's column
+    low, high = scores["accuracy_ci95"]
+    assert 0.0 <= low <= 2 / 3 <= high <= 1.0
+
+
+@pytest.mark.parametrize("external, class_map, message", [
+    (["tumor", "no_tumor"], {"tumor": ["glioma_tumor", "astrocytoma"]}, "'astrocytoma'"),
+    (["tumor", "no_tumor"], {}, "class folder 'tumor' matches no training class"),
+    (["tumor", "no_tumor"], {"tumour": TUMOURS}, "'tumour'"),
+    (["tumor", "no_tumor"], {"tumor": TUMOURS, "no_tumor": ["no_tumor", "glioma_tumor"]}, "mapped by both"),
+])
+def test_a_bad_class_map_names_what_is_wrong(external, class_map, message):
+    with pytest.raises(ExternalSetError, match=message):
+        resolve_class_map("br35h", external, TRAINING, class_map)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+CLASSES = ["cyst", "nodule", "spiculated_mass"]
+PARAMS = {
+    "prepare": {"fractions": [0.5, 1.0], "shots": [], "subset_seeds": [0, 1], "test_fraction": 0.3},
+    "segment": {"policy": "whole-image", "scheduler": "synchronous", "workers": 1},
+    "features": {"model": "ViT-B-32", "pretrained": "none", "allow_random_init": True, "modes": ["none"],
+                 "scheduler": "synchronous", "workers": 1},
+    "train": {"method": "linear_probe", "mode": "none", "epochs": 3, "fraction": 1.0},
+    "evaluate": {"methods": ["zero_shot", "linear_probe"], "modes": ["none"], "fractions": [0.5, 1.0], "seeds": [0, 1],
+                 "scheduler": "synchronous"},
+    "report": {"gallery_images": 2},
+}
+LESION = {"lesion": ["cyst", "nodule"]}  # a coarser external class: cyst or nodule
+
+
+def _scan(class_index: int, index: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(render_demo_sample(class_index, index, size=128, seed=seed).image)
+
+
+def make_data(base: Path) -> dict:
+    """A training dataset (3 classes × 4 scans) and an external set (classes lesion = cyst + nodule, and
+    spiculated_mass by name; 2 new scans each) holding also a byte copy and a resized near-copy of training images."""
+    train, external = base / "train_data", base / "external_data"
+    for class_index, name in enumerate(CLASSES):
+        (train / name).mkdir(parents=True, exist_ok=True)
+        for index in range(4):
+            _scan(class_index, index).save(train / name / f"{name}_{index}.png")
+    for class_index, name in ((0, "lesion"), (1, "lesion"), (2, "spiculated_mass")):
+        folder = external / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(2 if name == "spiculated_mass" else 1):
+            _scan(class_index, 10 + index, seed=7).save(folder / f"new_{class_index}_{index}.png")
+    shutil.copyfile(train / "cyst" / "cyst_0.png", external / "lesion" / "byte_copy.png")
+    Image.open(train / "nodule" / "nodule_1.png").resize((112, 112)).save(external / "lesion" / "resized_copy.jpg", quality=92)
+    return {"train": train, "external": external}
+
+
+def write_params(folder: Path, external_root: Path | None, class_map: dict | None = None) -> Path:
+    params = json.loads(json.dumps(PARAMS))
+    if external_root is not None:
+        params["evaluate"]["external"] = {"other": {"root": str(external_root), "dataset": "tiny",
+                                                    **({"class_map": class_map} if class_map is not None else {})}}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+def test_copies_of_training_images_are_removed_from_the_external_set_and_counted(tmp_path):
+    data = make_data(tmp_path)
+    params = write_params(tmp_path, data["external"], LESION)
+    common = ("-d", "tiny", "--root", data["train"], "--params", params, "--cache-dir", tmp_path / "cache", "-q")
+    assert medfocus("prepare", *common).exit_code == 0
+    printed = stage_json(medfocus("external", *common))
+    assert printed["other"]["removed_copies_of_training_source"] == {"byte_copies": 1, "near_copies": 1}
+    assert printed["other"]["counts"] == {"lesion": 2, "spiculated_mass": 2}
+    summary = json.loads((tmp_path / "cache" / "tiny" / "external.json").read_text())["sets"]["other"]
+    copies = summary["copies_of_training_source"]
+    assert copies["removed_from"] == "external set" and copies["removed"] == 2
+    assert copies["byte_copy_examples"][0]["external"].endswith("byte_copy.png")
+    assert copies["byte_copy_examples"][0]["training"].endswith("cyst_0.png")
+    assert copies["near_copy_examples"][0]["external"].endswith("resized_copy.jpg")
+    assert copies["near_copy_examples"][0]["training"].endswith("nodule_1.png")
+    with (tmp_path / "cache" / "tiny" / "external" / "other" / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {row["split"] for row in rows} == {"external"}
+    assert not any("copy" in row["path"] for row in rows)
+    assert summary["class_map"] == {"lesion": ["cyst", "nodule"], "spiculated_mass": ["spiculated_mass"]}
+
+
+def test_a_bad_class_map_is_a_one_line_error(tmp_path):
+    data = make_data(tmp_path)
+    params = write_params(tmp_path, data["external"], {"lesion": ["cyst", "polyp"]})
+    common = ("-d", "tiny", "--root", data["train"], "--params", params, "--cache-dir", tmp_path / "cache", "-q")
+    result = medfocus("external", *common)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'polyp'" in lines[0] and "not training classes" in lines[0]
+    # Without the class map, the coarser folder matches nothing: also one line, naming it.
+    params = write_params(tmp_path, data["external"])
+    result = medfocus("external", *common[:5], params, *common[6:])
+    assert result.exit_code == 2 and "class folder 'lesion' matches no training class" in result.output
+    assert medfocus("evaluate", *common[:5], params, *common[6:], "--external", "nonsense").exit_code == 2
+
+
+def test_an_external_set_changes_no_manifest_split_or_store_key_of_the_training_dataset(tmp_path):
+    data = make_data(tmp_path)
+    outputs = {}
+    for case, external in (("without", None), ("with", data["external"])):
+        folder = tmp_path / case
+        folder.mkdir()
+        params = write_params(folder, external, LESION)
+        common = ("-d", "tiny", "--root", data["train"], "--params", params, "--cache-dir", folder / "cache")
+        assert medfocus("prepare", *common, "-q").exit_code == 0
+        resolved = stage_json(medfocus("resolve", *common))
+        paths = DatasetPaths("tiny", folder / "cache")
+        outputs[case] = {"keys": (resolved["segment"], resolved["features"]),
+                         "files": [p.read_bytes() for p in (paths.manifest, paths.splits)],
+                         "prepare": {k: v for k, v in json.loads(paths.prepare_summary.read_text()).items() if k != "root"},
+                         "external": resolved["external"]}
+    assert outputs["with"]["keys"] == outputs["without"]["keys"]
+    assert outputs["with"]["files"] == outputs["without"]["files"]
+    assert outputs["with"]["prepare"] == outputs["without"]["prepare"]
+    assert outputs["without"]["external"] == {} and outputs["with"]["external"] == {"other": 4}
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    from medfocus.stages.evaluate import evaluate
+    from medfocus.stages.features import features
+    from medfocus.stages.prepare import prepare
+    from medfocus.stages.segment import segment
+    from medfocus.stages.train import train
+
+    base = tmp_path_factory.mktemp("external")
+    data = make_data(base)
+    raw = yaml.safe_load(write_params(base, data["external"], LESION).read_text())
+    params = parse_params(raw)
+    spec = resolve_dataset("tiny", data["train"], params)
+    paths = DatasetPaths("tiny", base / "cache")
+    prepare(spec, params, paths, progress=False)
+    segmented = segment(spec, params, paths, progress=False)
+    encoded = features(spec, params, paths, progress=False)
+    train(spec, params, paths)  # the report's attention overlays need the head of train.method
+    metrics = evaluate(spec, params, paths, progress=False)
+    return {"spec": spec, "params": params, "paths": paths, "segment": segmented, "features": encoded, "metrics": metrics}
+
+
+def test_segment_and_features_process_the_external_images_into_the_training_stores(evaluated):
+    paths = evaluated["paths"]
+    segment = json.loads(paths.segment_summary.read_text())
+    assert segment["total"] == 12 and segment["done"] == 12  # the training dataset's counts, as without the set
+    assert segment["external"]["other"]["images"] == 4 and segment["external"]["other"]["done"] == 4
+    assert evaluated["segment"]["processed"] == 16
+    features = json.loads(paths.features_summary.read_text())
+    assert features["modes"]["none"]["done"] == 12 and features["modes"]["none"]["external"]["other"]["done"] == 4
+
+
+def test_metrics_and_runs_carry_external_accuracy_with_an_interval(evaluated):
+    metrics, paths = evaluated["metrics"], evaluated["paths"]
+    assert json.loads(paths.metrics.read_text())["external"] == metrics["external"]
+    external = metrics["external"]["other"]
+    assert external["images"] == 4 and external["copies_of_training_source"]["removed"] == 2
+    assert external["columns"] == ["lesion", "spiculated_mass"]
+    matrix = external["confusion_matrix"]
+    assert matrix["true_classes"] == ["lesion", "spiculated_mass"] and sum(map(sum, matrix["counts"])) == 4
+    for row in metrics["results"]:
+        cell = row["external"]["other"]
+        low, high = cell["accuracy_ci95"]
+        assert 0 <= low <= cell["accuracy"] <= high <= 100 and cell["images"] == 4 and cell["seeds"] == 2
+    with paths.runs_csv.open() as handle:
+        runs = list(csv.DictReader(handle))
+    assert len(runs) == 2 * 2 * 2  # methods × fractions × seeds
+    for run in runs:
+        accuracy = float(run["external[other].accuracy"])
+        low, high = json.loads(run["external[other].accuracy_ci95"])
+        assert 0 <= low <= accuracy <= high <= 1 and run["external[other].n_samples"] == "4"
+    # The external accuracy is the mean over the runs of each row.
+    row = next(r for r in metrics["results"] if (r["method"], r["fraction"]) == ("linear_probe", 1.0))
+    mine = [float(r["external[other].accuracy"]) for r in runs if (r["method"], r["fraction"]) == ("linear_probe", "1.0")]
+    assert row["external"]["other"]["accuracy"] == pytest.approx(100 * np.mean(mine), abs=0.01)
+    plotted = (paths.evaluation_dir / "accuracy_vs_fraction.csv").read_text()
+    assert "linear_probe/none @ external other" in plotted
+    index = json.loads((paths.external_evaluation_dir / "index.json").read_text())
+    for file in index["sets"]["other"].values():
+        assert (paths.external_evaluation_dir / file).stat().st_size > 1000
+
+
+def test_the_summary_and_the_report_show_internal_beside_external(evaluated):
+    from medfocus.pipeline.results_summary import flat_headline, headline, render_text
+    from medfocus.stages.report import report
+
+    summary = evaluated["metrics"]["summary"]
+    table = summary["external"]["sets"]["other"]
+    assert summary["external"]["columns"] == ["50%", "100%"]
+    assert [row["label"] for row in table["rows"]] == [row["label"] for row in summary["table"]["rows"]]
+    cell = table["rows"][0]["cells"]["100%"]
+    assert cell["difference"] == pytest.approx(cell["external"] - cell["internal"], abs=0.01)
+    sentence = next(s for s in headline(summary) if s.startswith("Transfer to an external test set"))
+    assert f"% on other (95 % CI" in sentence and "4 images from another source, after removing 1 byte and 1 near-copies" in sentence
+    best = next(row for row in table["rows"] if row["label"] == summary["best"]["label"])["cells"]["50%"]
+    assert f"reaches {best['external']:.1f} ± {best['external_std']:.1f} % on other" in sentence
+    assert "external" in flat_headline(summary) and "other" in flat_headline(summary)["external"]
+    text = render_text(summary)
+    assert "internal | external test accuracy % on other" in text
+    assert f"{cell['internal']:.1f} | {cell['external']:.1f}" in text
+
+    written = report(evaluated["spec"], evaluated["params"], evaluated["paths"])
+    page = Path(written["report"]).read_text()
+    assert "External test sets: internal | external" in page and "lesion = cyst + nodule" in page
+    assert "1 byte-identical and 1 near-copies" in page
+    assert "external_other_accuracy_vs_fraction.png" in page and "external_other_confusion_matrix.png" in page
+    assert (evaluated["paths"].report_dir / "external_other_confusion_matrix.png").is_file()
+    # The full table (All results): every row's external accuracy and interval beside its internal ones.
+    assert "<th>external other: accuracy %</th><th>external other: 95 % CI</th>" in page
+    row = evaluated["metrics"]["results"][0]["external"]["other"]
+    low, high = row["accuracy_ci95"]
+    assert f"<td>{row['accuracy']:.2f} ± {row['accuracy_std']:.2f}</td><td>{low:.1f}–{high:.1f}</td>" in page
+
+
+# ---------------------------------------------------------------------------------------------------- dvc
+@pytest.mark.slow
+def test_dvc_tracks_an_external_set_like_any_other_input(tmp_path_factory):
+    """Under `dvc repro`: an external set is segmented, encoded and scored; an image added to it is processed alone
+    (prepare of the training dataset does not rerun); a repro with nothing changed runs only resolve, which changes nothing."""
+    from .test_dvc_pipeline import ALL_STAGES, BIN, DATASET, RESOLVE, Clone
+
+    if not (BIN / "dvc").exists() or shutil.which("git") is None:
+        pytest.skip("dvc and git must be installed")
+    repository = Clone.of_working_tree(tmp_path_factory.mktemp("clone"), tmp_path_factory.mktemp("python"))
+    external = repository.root / "external_demo"
+    for class_index, name in enumerate(CLASSES[:2]):
+        (external / name).mkdir(parents=True)
+        _scan(class_index, 50, seed=3).save(external / name / f"{name}_50.png")
+    params = repository.params()
+    params["evaluate"]["external"] = {"other": {"root": "external_demo", "dataset": DATASET}}
+    repository.write_params(params)
+    assert repository.repro() == ALL_STAGES
+    assert repository.summary("segment")["external"]["other"]["done"] == 2
+    metrics = json.loads((repository.root / "cache" / DATASET / "metrics.json").read_text())
+    assert metrics["external"]["other"]["images"] == 2
+    assert metrics["external"]["other"]["unmapped_training_classes"] == ["spiculated_mass"]
+    assert "external" in repository.summary("report")["headline"]
+    assert repository.repro() == {RESOLVE}
+
+    _scan(1, 51, seed=3).save(external / "nodule" / "nodule_51.png")
+    # train reruns too (features.json, its dependency, records the external images done); its head is the same.
+    assert repository.repro() == ALL_STAGES - {"demo_data", f"prepare@{DATASET}"}
+    assert {k: repository.summary("segment.run")[k] for k in ("processed", "skipped")} == {"processed": 1, "skipped": 6 + 2}
+    assert repository.summary("segment")["external"]["other"]["done"] == 3
+    assert repository.repro() == {RESOLVE}
