@@ -305,7 +305,9 @@ OLD_LITERALS = {
 
 
 def test_builtin_policies_are_shipped_files_with_the_old_content():
-    assert sorted(POLICIES) == sorted(OLD_LITERALS) == sorted(p.stem for p in BUILTIN_POLICY_DIR.glob("*.json"))
+    # The policies that were Python literals, plus those fitted since as files (brain-mri).
+    assert sorted(POLICIES) == sorted(p.stem for p in BUILTIN_POLICY_DIR.glob("*.json"))
+    assert set(OLD_LITERALS) | {"brain-mri"} == set(POLICIES)
     for name, old in OLD_LITERALS.items():
         assert POLICIES[name].describe() == old.describe(), name
         assert get_policy(name) is POLICIES[name]
@@ -429,3 +431,36 @@ def test_roi_eval_and_roi_fit_need_ground_truth(tmp_path, params_path):
     assert "absent" in result.output and not (tmp_path / "p.json").exists()
     result = invoke("roi-fit", *common, "--boxes", str(tmp_path), "--start-from", "dark_blob", "-o", str(tmp_path / "p.json"), code=2)
     assert "--start-from" in result.output and "'dark-blob'" in result.output
+
+
+def test_blobs_inside_the_foreground_skip_the_skull():
+    """Brain MRI: the skull and scalp are the brightest blobs of a slice; with ``foreground_erosion`` only centres inside
+    the head, away from its rim, are proposed."""
+    import numpy as np
+
+    from medfocus.pipeline.segmenters.selection import find_blobs, foreground_interior
+
+    size = 256
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    radius = np.hypot(xx - 0.5, yy - 0.5)
+    gray = np.where(radius < 0.4, 0.3, 0.0).astype(np.float32)       # the head
+    gray[(radius > 0.37) & (radius < 0.4)] = 1.0                      # a bright skull ring
+    gray[np.hypot(xx - 0.5, yy - 0.88) < 0.03] = 1.0                  # a bright spot on the rim (scalp)
+    gray[np.hypot(xx - 0.42, yy - 0.45) < 0.03] = 0.7                 # the tumour: weaker, inside
+    interior = foreground_interior(gray, 0.07).numpy()
+    assert interior[int(0.45 * size), int(0.42 * size)] and not interior[int(0.88 * size), int(0.5 * size)]
+    anywhere = find_blobs(gray, "bright", 1, sigmas=(0.02,))
+    inside = find_blobs(gray, "bright", 1, sigmas=(0.02,), foreground_erosion=0.07)
+    assert abs(anywhere[0].cy - 0.45) > 0.1  # the rim wins without the restriction
+    assert abs(inside[0].cx - 0.42) < 0.03 and abs(inside[0].cy - 0.45) < 0.03
+
+
+def test_the_brain_mri_policy_is_the_brain_tumor_default_and_records_its_fit():
+    from medfocus.pipeline.segmenters.policies import default_policy_for, get_policy, read_policy_file
+
+    assert default_policy_for("brain_tumor") == "brain-mri"
+    policy = get_policy("brain-mri")
+    assert policy.blob_polarity == "bright" and policy.blob_foreground_erosion == 0.07
+    shipped = read_policy_file(Path(__file__).resolve().parents[1] / "pipeline" / "segmenters" / "builtin_policies" / "brain-mri.json")
+    assert shipped.fitted.dataset == "brain_tumor_boxes" and shipped.held_out.n == 160
+    assert shipped.held_out.box_iou > 5 * shipped.held_out.whole_image_box_iou
