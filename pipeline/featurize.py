@@ -83,16 +83,35 @@ def encode_batch(encoder: ImageEncoder, images: list[np.ndarray], rois: list[np.
     if mode == "dual" and encoder.family == LITEMEDSAM:
         # LiteMedSAM pools the ROI view from its full 64² map, exactly as the segment stage does when it stores it.
         embeddings = encoder.embed(torch.stack([encoder.preprocess(image) for image in images]))
-        return [encoder.summarize(embedding, image.shape[:2], roi) for embedding, image, roi in zip(embeddings, images, rois)]
-    steered = [steer(image, roi, label, mode, params, encoder) for image, roi, label in zip(images, rois, labels)]
-    weights = np.stack([w for _, w in steered])
-    global_embedding, patch_tokens = encode_steered(encoder, torch.stack([encoder.preprocess(s) for s, _ in steered]),
-                                                    weights, mode, params)
-    arrays = [{"global": g, "patches": p, "roi_weights": w} for g, p, w in zip(global_embedding, patch_tokens, weights)]
-    if mode == "dual":
-        for row, pooled in zip(arrays, roi_pooled(patch_tokens, weights, global_embedding)):
-            row["roi_global"] = pooled
+        arrays = [encoder.summarize(embedding, image.shape[:2], roi) for embedding, image, roi in zip(embeddings, images, rois)]
+    else:
+        steered = [steer(image, roi, label, mode, params, encoder) for image, roi, label in zip(images, rois, labels)]
+        weights = np.stack([w for _, w in steered])
+        global_embedding, patch_tokens = encode_steered(encoder, torch.stack([encoder.preprocess(s) for s, _ in steered]),
+                                                        weights, mode, params)
+        arrays = [{"global": g, "patches": p, "roi_weights": w} for g, p, w in zip(global_embedding, patch_tokens, weights)]
+        if mode == "dual":
+            for row, pooled in zip(arrays, roi_pooled(patch_tokens, weights, global_embedding)):
+                row["roi_global"] = pooled
+    if mode == "dual" and params.get("roi_view") == "crop":
+        for row, zoom in zip(arrays, roi_zoom(encoder, images, rois, labels, params["margin"])):
+            row["roi_global"] = zoom if zoom is not None else row["global"]
     return arrays
+
+
+def roi_zoom(encoder: ImageEncoder, images: list[np.ndarray], rois: list[np.ndarray | None], labels: list[np.ndarray | None],
+             margin: float) -> list[np.ndarray | None]:
+    """The global embedding of each image's ROI box (with ``margin``) encoded at the encoder's full input size; None
+    for an image without ROI (its ROI view is then the whole image, as with the pooled view)."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    crops = [(index, steer_image(image, roi, label, "crop", margin=margin))
+             for index, (image, roi, label) in enumerate(zip(images, rois, labels)) if roi is not None and roi.any()]
+    if crops:
+        with torch.inference_mode():
+            embeddings, _ = encoder.encode_images(torch.stack([encoder.preprocess(crop) for _, crop in crops]))
+        for (index, _), embedding in zip(crops, embeddings.float().cpu().numpy()):
+            out[index] = embedding
+    return out
 
 
 def from_mask_store(store_arrays: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:

@@ -462,7 +462,8 @@ def context_lines(summary: dict) -> list[tuple[str, str]]:
 
     def weights(model: dict) -> str:
         sha = model.get("sha256")
-        short = f", sha256 {sha[:12]}" if sha and sha != "random-init" else ""
+        # an encoder bank's is every encoder's, joined by '+'
+        short = f", sha256 {'+'.join(part[:12] for part in sha.split('+'))}" if sha and sha != "random-init" else ""
         return f"{model.get('weights')}{short}"
 
     used = (f"segmenter {segmenter.get('name')} ({weights(segmenter)}), ROI policy {segmenter.get('policy')}" if segmenter

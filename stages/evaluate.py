@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from medfocus.pipeline.cached_features import (
     CachedFeatures,
     load_cached_features,
@@ -35,6 +36,7 @@ from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_feature_store, current_mask_store
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.external import load_externals, map_probabilities, mapping_matrix
+from medfocus.pipeline.feature_bank import feature_store_locator, open_feature_store
 from medfocus.pipeline.manifest import write_atomic, write_json
 from medfocus.pipeline.paper import paper_datasets, paper_results
 from medfocus.pipeline.paths import DatasetPaths, read_json
@@ -43,7 +45,7 @@ from medfocus.pipeline.provenance import RANDOM_INIT, is_random_init, package_ve
 from medfocus.pipeline.results_summary import summarize
 from medfocus.pipeline.runner import parse_scheduler, run_tasks
 from medfocus.pipeline.segmenters.roi_eval import dice_iou, load_truth_mask, mask_path_for
-from medfocus.pipeline.store import FeatureStore, IncompleteImageError, StoreMissingError
+from medfocus.pipeline.store import IncompleteImageError, StoreMissingError
 from medfocus.pipeline.worker_models import set_torch_threads
 from medfocus.trainer import (
     FeatureSet,
@@ -147,8 +149,7 @@ def _features_of(context: dict, mode: str) -> tuple[CachedFeatures, FeatureSet, 
         if key not in _LOADED:
             for stale in [k for k in _LOADED if k[0] != context["evaluation"]]:
                 del _LOADED[stale]
-            url, store_key = context["stores"][mode]
-            store = FeatureStore.lookup(url, store_key, context["prepared"].name, mode)
+            store = open_feature_store(context["stores"][mode], context["prepared"].name, mode)
             cached = load_cached_features(context["prepared"], store, only=set(context["common"]))
             external = {name: load_image_features(store, item["hashes"], item["labels"])
                         for name, item in context["external"].items()}
@@ -238,7 +239,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
     choice = parse_scheduler(settings.scheduler, settings.workers)
     context = {
         "evaluation": uuid.uuid4().hex, "prepared": prepared, "common": sorted(common), "test": test_kept,
-        "stores": {mode: (store.url, store.key) for mode, store in stores.items()},
+        "stores": {mode: feature_store_locator(store) for mode, store in stores.items()},
         "methods": list(settings.methods), "config": params.train.trainer_config(),
         "threads_split": 1 if choice.kind == "synchronous" else settings.workers,
         "external": external_context,

@@ -22,14 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_mask_store, feature_store_url, resolve_features_for
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.external import external_content, external_work_items, load_externals
 from medfocus.pipeline.encoders import (
     UnsupportedEncoderFeature,
 )
 from medfocus.pipeline.encoders.weights import HOW_TO_PROVIDE_WEIGHTS
+from medfocus.pipeline.external import external_content, external_work_items, load_externals
+from medfocus.pipeline.feature_bank import bank_identity, bank_weights_source
 from medfocus.pipeline.featurize import encode_batch, from_mask_store, shared_encoder
 from medfocus.pipeline.manifest import write_json
 from medfocus.pipeline.paths import DatasetPaths
@@ -134,29 +136,12 @@ def _warn_random_init(encoder: EncoderSpec) -> None:
     )
 
 
-def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: list[str] | None = None,
-             progress: bool = True) -> dict:
-    """Make what is missing in each mode's store; write ``features.json`` and ``features.run.json``; return both merged.
-
-    The encoder's weights are resolved once, here; workers rebuild the same encoder from that resolution.
-    """
+def _encoder_stores(dataset: DatasetSpec, params: Params, paths: DatasetPaths, prepared, spec: FeaturesSpec, externals,
+                    progress: bool) -> tuple[dict, dict]:
+    """Make what is missing in each mode's store of one encoder; (content, run) per mode."""
     settings = params.features
-    modes = list(modes or settings.modes)
-    prepared = load_prepared(dataset, params, paths, progress=progress)
-    spec = resolve_features_for(dataset, params, prepared, modes, paths)
     encoder = spec.encoder
-    if encoder.note:
-        log.info("%s", encoder.note)
-    if "attention" in modes and not encoder.steers_attention:
-        raise UnsupportedEncoderFeature(
-            f"mode 'attention' biases the attention inside a ViT, and {encoder.identity['model']} has none to bias: "
-            "use the modes none, dual, overlay, blur or crop with it"
-        )
-    if encoder.random_init:
-        _warn_random_init(encoder)
     content_modes, run_modes = {}, {}
-    # External test sets (pipeline.external): encoded into the same stores with the same encoder and ROI steering.
-    externals = load_externals(dataset, params, paths, prepared)
     for mode, store_spec in spec.stores.items():
         mask_store = current_mask_store(dataset, params, paths, spec.segment) if store_spec.mask_store_key else None
         store = FeatureStore.create(feature_store_url(paths, store_spec, params), store_spec.key, store_spec.content,
@@ -174,11 +159,12 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
             scheduler=settings.scheduler,
             workers=settings.workers,
             chunk_size=settings.chunk_size,
-            description=f"features {dataset.name} [{mode}]",
+            description=f"features {dataset.name} [{encoder.identity['model']}, {mode}]",
             progress=progress,
         )
         for failure in run.failed:
-            log.warning("feature extraction (%s) failed for %s: %s", mode, failure["path"], failure["reason"])
+            log.warning("feature extraction (%s, %s) failed for %s: %s", encoder.identity["model"], mode, failure["path"],
+                        failure["reason"])
         done = store.done([entry.hash for entry in prepared.entries])
         failed = [f | {"mode": mode} for f in run.failed + prepared.unreadable()]
         content_modes[mode] = {"store_key": store_spec.key, "steering": store_spec.content["steering"],
@@ -189,28 +175,70 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
             content_modes[mode]["external"] = external_content(externals, store.done)
         counts = run.to_dict()
         run_modes[mode] = {key: counts[key] for key in ("processed", "skipped", "seconds", "images_per_s")} | {"store": store.url}
+    return content_modes, run_modes
+
+
+def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: list[str] | None = None,
+             progress: bool = True) -> dict:
+    """Make what is missing in each mode's store (of each encoder of a bank); write ``features.json`` and
+    ``features.run.json``; return both merged.
+
+    The encoder's weights are resolved once, here; workers rebuild the same encoder from that resolution.
+    """
+    settings = params.features
+    modes = list(modes or settings.modes)
+    prepared = load_prepared(dataset, params, paths, progress=progress)
+    spec = resolve_features_for(dataset, params, prepared, modes, paths)
+    encoders = [member.encoder for member in spec.encoders]
+    for encoder in encoders:
+        if encoder.note:
+            log.info("%s", encoder.note)
+    if "attention" in modes and not spec.encoder.steers_attention:
+        raise UnsupportedEncoderFeature(
+            f"mode 'attention' biases the attention inside a ViT, and {spec.encoder.identity['model']} has none to bias: "
+            "use the modes none, dual, overlay, blur or crop with it"
+        )
+    for encoder in encoders:
+        if encoder.random_init:
+            _warn_random_init(encoder)
+    # External test sets (pipeline.external): encoded into the same stores with the same encoder and ROI steering.
+    externals = load_externals(dataset, params, paths, prepared)
+    made = [_encoder_stores(dataset, params, paths, prepared, member, externals, progress) for member in spec.encoders]
+    content_modes, run_modes = made[0]
+    random_init = any(encoder.random_init for encoder in encoders)
     content = {
         "stage": "features",
         "dataset": dataset.name,
-        "encoder": encoder.identity,
-        "encoder_choice": encoder.note or f"features.model {settings.model}",
-        "weights_source": encoder.weights_source,
-        "random_init": encoder.random_init,
-        "text": spec.text,
+        "encoder": bank_identity([e.identity for e in encoders]) if spec.bank else spec.encoder.identity,
+        "encoder_choice": spec.encoder.note or f"features.model {settings.model}",
+        "weights_source": bank_weights_source([e.weights_source for e in encoders]) if spec.bank else spec.encoder.weights_source,
+        "random_init": random_init,
+        "text": None if spec.bank else spec.text,
         "total": len(prepared.entries) + len(prepared.unreadable()),
         "modes": content_modes,
         "failed": [f for m in content_modes.values() for f in m["failed"]],
     }
+    if spec.bank:
+        # What each encoder's stores hold; the bank uses the images every encoder has (pipeline.feature_bank).
+        content["bank"] = [{"encoder": member.encoder.identity, "modes": member_modes}
+                           for member, (member_modes, _) in zip(spec.encoders, made)]
+        content["failed"] = [f | {"encoder": member.encoder.identity["model"]}
+                             for member, (member_modes, _) in zip(spec.encoders, made)
+                             for m in member_modes.values() for f in m["failed"]]
     content["failed_count"] = len(content["failed"])
-    if encoder.random_init:
+    if random_init:
         content["warning"] = f"{RANDOM_INIT}: features come from an encoder without pretrained weights; results are not real"
     write_json(paths.features_summary, content)
-    seconds = sum(m["seconds"] for m in run_modes.values())
-    processed = sum(m["processed"] for m in run_modes.values())
-    run_summary = {"processed": processed, "skipped": sum(m["skipped"] for m in run_modes.values()),
+    all_runs = [mode_run for _, member_runs in made for mode_run in member_runs.values()]
+    seconds = sum(m["seconds"] for m in all_runs)
+    processed = sum(m["processed"] for m in all_runs)
+    run_summary = {"processed": processed, "skipped": sum(m["skipped"] for m in all_runs),
                    "seconds": round(seconds, 3), "images_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
                    "scheduler": settings.scheduler, "workers": settings.workers, "modes": run_modes,
                    "versions": package_versions()}
+    if spec.bank:
+        run_summary["bank"] = [{"encoder": member.encoder.identity["model"], "modes": member_runs}
+                               for member, (_, member_runs) in zip(spec.encoders, made)]
     write_json(run_file(paths.features_summary), run_summary)
     merged_modes = {mode: content_modes[mode] | run_modes[mode] for mode in content_modes}
     return content | run_summary | {"modes": merged_modes}

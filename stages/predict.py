@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_feature_store, resolve_features_for
 from medfocus.pipeline.datasets import DatasetSpec
 from medfocus.pipeline.encoders import ImageEncoder
+from medfocus.pipeline.feature_bank import join_rows
 from medfocus.pipeline.featurize import encoder_view, image_features, shared_encoder
 from medfocus.pipeline.images import file_sha256, load_image
 from medfocus.pipeline.paths import DatasetPaths
@@ -38,9 +40,12 @@ def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list
     store = current_feature_store(spec, params, paths, mode, prepared)
     model, model_file = load_head(paths, HeadRequest.from_settings(settings), store, settings, prepared, model_file)
     features_spec = resolve_features_for(spec, params, prepared, [mode], paths)
-    store_spec = features_spec.stores[mode]
-    encoder: ImageEncoder = shared_encoder(features_spec.encoder.build)
-    segmenter = shared_segmenter(features_spec.segment.build_options) if store_spec.mask_store_key else None
+    # One encoder, or each encoder of a bank (the first gives the tokens and the picture), with its store's spec.
+    encoders: list[tuple[ImageEncoder, object]] = [(shared_encoder(member.encoder.build), member.stores[mode])
+                                                   for member in features_spec.encoders]
+    encoder = encoders[0][0]
+    needs_masks = any(store_spec.mask_store_key for _, store_spec in encoders)
+    segmenter = shared_segmenter(features_spec.segment.build_options) if needs_masks else None
     stored_dtype = np.dtype(params.features.dtype)
     out_dir = paths.predictions_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,10 +54,13 @@ def predict(spec: DatasetSpec, params: Params, paths: DatasetPaths, images: list
         image = load_image(image_path)
         digest = file_sha256(image_path)
         segmentation = segmenter.segment(image) if segmenter is not None else None
-        arrays, seen = image_features(encoder, image, segmentation, mode, store_spec)
-        # Through the stored precision, as the head's training features went.
-        stored = {name: torch.from_numpy(np.asarray(array).astype(stored_dtype if name != "roi_weights" else np.float32)
-                                         .astype(np.float32))[None] for name, array in arrays.items()}
+        rows = [image_features(member, image, segmentation, mode, store_spec) for member, store_spec in encoders]
+        seen = rows[0][1]
+        # Through the stored precision (then a bank's join), as the head's training features went.
+        stored_rows = [{name: np.asarray(array).astype(stored_dtype if name != "roi_weights" else np.float32).astype(np.float32)
+                        for name, array in row.items()} for row, _ in rows]
+        arrays = join_rows(stored_rows) if len(stored_rows) > 1 else stored_rows[0]
+        stored = {name: torch.from_numpy(np.asarray(array, dtype=np.float32))[None] for name, array in arrays.items()}
         features = FeatureSet(stored["global"], stored["patches"], stored["roi_weights"], torch.zeros(1, dtype=torch.long),
                               [digest], roi_global=stored.get("roi_global"))
         probabilities = model.predict_proba(features)[0]

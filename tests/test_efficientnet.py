@@ -12,6 +12,7 @@ CPU, one thread, small generated data; the models are the real pretrained ones (
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -21,17 +22,23 @@ from efficientnet_lite_pytorch import EfficientNet as ReferenceEfficientNet
 from matplotlib import cbook
 from PIL import Image
 
-from medfocus.pipeline.config import load_params
-from medfocus.pipeline.encoders import UnsupportedEncoderFeature, create_encoder
-from medfocus.pipeline.encoders import efficientnet_identity
+from medfocus.pipeline.cached_features import load_cached_features
+from medfocus.pipeline.config import FeaturesParams, load_params
+from medfocus.pipeline.current_stores import _features_from_file, current_feature_store
+from medfocus.pipeline.datasets import resolve_dataset
+from medfocus.pipeline.encoders import UnsupportedEncoderFeature, create_encoder, efficientnet_identity
 from medfocus.pipeline.encoders.efficientnet import EfficientNetLiteEncoder, load_efficientnet_lite, timm_state_dict
 from medfocus.pipeline.encoders.efficientnet_identity import MODELS, EfficientNetWeightsUnavailable, bundled_weights_path
+from medfocus.pipeline.feature_bank import FeatureBank
 from medfocus.pipeline.featurize import encode_batch, roi_pooled
 from medfocus.pipeline.images import file_sha256
 from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
+from medfocus.pipeline.paths import DatasetPaths, read_json
+from medfocus.pipeline.preparation import load_prepared
 from medfocus.pipeline.specs import FEATURES_CODE, resolve_encoder, resolve_features, resolve_segment
 from medfocus.pipeline.store import FeatureStore
 from medfocus.pipeline.vocabulary import EFFICIENTNET_LITE_MODELS
+from medfocus.trainer import FittedModel
 
 from .test_segment_stage import medfocus, stage_json
 from .test_store_identity import CLASSES, DATASET, PROMPTS, command, images, params_file  # noqa: F401  (fixture)
@@ -123,7 +130,8 @@ def test_roi_steering_modes(lite0):
     roi = np.zeros((64, 64), dtype=bool)
     roi[10:30, 40:60] = True
     rois, labels = [roi, np.zeros_like(roi)], [roi.astype(np.uint16), np.zeros((64, 64), np.uint16)]
-    params = {"none": {}, "overlay": {"alpha": 0.4}, "blur": {"sigma": 0.03}, "crop": {"margin": 0.1}, "dual": {}}
+    params = {"none": {}, "overlay": {"alpha": 0.4}, "blur": {"sigma": 0.03}, "crop": {"margin": 0.1},
+              "dual": {"roi_view": "pooled"}}
     rows = {mode: encode_batch(lite0, pictures, rois, labels, mode, settings) for mode, settings in params.items()}
     for mode, batch_rows in rows.items():
         for row in batch_rows:
@@ -139,6 +147,13 @@ def test_roi_steering_modes(lite0):
     expected = roi_pooled(dual["patches"][None], dual["roi_weights"][None], dual["global"][None])[0]
     np.testing.assert_allclose(dual["roi_global"], expected, rtol=1e-6)
     np.testing.assert_allclose(rows["dual"][1]["roi_global"], rows["dual"][1]["global"])
+    # the zoom view: the ROI view is the ROI's crop encoded at full input size (what mode crop encodes), the rest as pooled
+    zoom = encode_batch(lite0, pictures, rois, labels, "dual", {"roi_view": "crop", "margin": 0.1})
+    np.testing.assert_allclose(zoom[0]["roi_global"], rows["crop"][0]["global"], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(zoom[0]["roi_global"], dual["roi_global"], atol=1e-3)
+    np.testing.assert_allclose(zoom[1]["roi_global"], zoom[1]["global"])
+    for name in ("global", "patches", "roi_weights"):
+        np.testing.assert_allclose(zoom[0][name], dual[name], rtol=1e-5, atol=1e-5)
 
 
 def test_features_command_makes_stores_of_their_own(images, tmp_path):  # noqa: F811
@@ -184,3 +199,74 @@ def test_a_missing_wheel_is_one_clear_error(images, tmp_path, monkeypatch):  # n
     assert result.exit_code == 2
     message = result.stderr.strip()
     assert "efficientnet-lite0-absent-model" in message and "Traceback" not in message and len(message.splitlines()) == 1
+
+
+def test_an_encoder_bank_keeps_a_store_per_encoder_and_is_read_and_predicted_as_one(images, tmp_path):  # noqa: F811
+    # Issue 24, part 2: features.model names several encoders; each has its own stores (the keys a single run of it
+    # would have); training and predict read the bank as one: joined normalised globals, the first encoder's tokens.
+    bank = ["efficientnet_lite0", "efficientnet_lite1"]
+    settings = {"model": bank, "modes": ["none"], "scheduler": "synchronous", "dtype": "float32"}
+    params, cache = params_file(tmp_path, images, features=settings), tmp_path / "cache"
+    overview = stage_json(medfocus(*command("features", params, cache, "-q")))
+    assert overview["processed"] == 18  # 9 images x 2 encoders
+    result = json.loads(open(overview["summary"]).read())  # features.json
+    assert result["encoder"]["model"] == "efficientnet_lite0+efficientnet_lite1" and not result["random_init"]
+    assert [member["encoder"]["model"] for member in result["bank"]] == bank
+    assert result["weights_source"].count("pretrained:") == 2
+
+    loaded = load_params(params)
+    segment = resolve_segment(loaded.segment, DATASET)
+    alone = {model: resolve_features(loaded.features.model_copy(update={"model": model}), ["none"], segment, list(CLASSES),
+                                     PROMPTS).stores["none"].key for model in (*bank, "efficientnet_lite2")}
+    assert [member["modes"]["none"]["store_key"] for member in result["bank"]] == [alone[model] for model in bank]
+
+
+    spec = resolve_dataset(DATASET, None, loaded)
+    # the spec file `medfocus resolve` writes (what stages under DVC read) holds the bank and rebuilds it unchanged
+    assert medfocus(*command("resolve", params, cache)).exit_code == 0
+
+    prepared = load_prepared(spec, loaded, DatasetPaths(DATASET, cache), progress=False)
+    from_file = _features_from_file(read_json(DatasetPaths(DATASET, cache).features_spec), loaded, ["none"], None)
+    resolved = resolve_features(loaded.features, ["none"], None, prepared.class_names, prepared.prompts)
+    assert from_file.content() == resolved.content() and [m.encoder.build for m in from_file.encoders] == [
+        m.encoder.build | {"device": "cpu"} for m in resolved.encoders]
+    store = current_feature_store(spec, loaded, DatasetPaths(DATASET, cache), "none")
+    assert isinstance(store, FeatureBank) and [s.key for s in store.stores] == [alone[model] for model in bank]
+    digest = file_sha256(sorted((images / "cyst").glob("*.png"))[0])
+    arrays = store.read_image(digest)[0]
+    first = FeatureStore(store.stores[0].url, read_only=True).read_image(digest)[0]
+    assert arrays["global"].shape == (2560,) and arrays["patches"].shape == (49, 1280)
+    np.testing.assert_allclose(np.linalg.norm(arrays["global"][:1280]), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(arrays["global"][:1280], first["global"] / np.linalg.norm(first["global"]), rtol=1e-5)
+    np.testing.assert_array_equal(arrays["patches"], first["patches"])
+    assert store.attrs["spec"]["encoder"]["weights_sha256"].count("+") == 1
+
+    trained = stage_json(medfocus(*command("train", params, cache)))
+    assert trained["weights_source"] == result["weights_source"]
+    image = sorted((images / "cyst").glob("*.png"))[0]
+    assert medfocus(*command("predict", params, cache), image).exit_code == 0
+    predicted = json.loads((DatasetPaths(DATASET, cache).predictions_dir / "predictions.json").read_text())[0]
+    # predict encodes the image with both encoders and joins them as the stores do: the head's probabilities agree
+
+    cached = load_cached_features(prepared, store)
+    head = FittedModel.load(trained["model"])
+    from_store = head.predict_proba(cached.features.subset(cached.rows([digest])))[0]
+    np.testing.assert_allclose([predicted["probabilities"][name] for name in CLASSES],
+                               [float(from_store[list(head.class_names).index(name)]) for name in CLASSES], atol=1e-4)
+
+    # another bank (lite0 + lite2) is another feature source: the head trained on lite0 + lite1 is not taken for it
+    other = params_file(tmp_path / "other", images, features=settings | {"model": ["efficientnet_lite0", "efficientnet_lite2"]})
+    assert medfocus(*command("features", other, cache, "-q")).exit_code == 0
+    refused = medfocus(*command("predict", other, cache), image)
+    assert refused.exit_code == 2 and "no head trained with today's settings" in refused.stderr, refused.output
+
+
+def test_an_encoder_bank_is_validated():
+    bank = FeaturesParams(model=["litemedsam", "efficientnet_lite2"], pretrained="/weights/litemedsam.pth")
+    assert bank.model == "litemedsam+efficientnet_lite2" and bank.members == ["litemedsam", "efficientnet_lite2"]
+    assert [bank.member_pretrained(i) for i in (0, 1)] == ["/weights/litemedsam.pth", "auto"]
+    assert FeaturesParams(model="litemedsam+efficientnet_lite2", pretrained="none").member_pretrained(1) == "none"
+    for bad, message in [("auto+litemedsam", "cannot be part of an encoder bank"), ("litemedsam+litemedsam", "each encoder once"),
+                         ("litemedsam+efficientnet_lite9", "unknown encoder model"), ("litemedsam+", "empty encoder name")]:
+        with pytest.raises(ValueError, match=message):
+            FeaturesParams(model=bad)

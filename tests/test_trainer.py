@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 from medfocus.trainer import (
     METHODS,
@@ -206,6 +207,34 @@ def test_text_free_encoder(task):
         fit("clip_fewshot", missing_class, no_text, FAST, seed=0)
 
 
+def _as_bank(features: FeatureSet, extra_dim: int, seed: int) -> FeatureSet:
+    """``features`` as an encoder bank would give them: a second encoder's embedding (noise here) joined to the global
+    embedding and the ROI view, each part normalised; the tokens stay the first encoder's (32-d)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def joined(first: Tensor) -> Tensor:
+        return torch.cat([F.normalize(first, dim=-1), F.normalize(torch.randn(len(first), extra_dim, generator=generator), dim=-1)], dim=1)
+
+    return FeatureSet(joined(features.global_emb), features.patch_tokens, features.roi_weights, features.labels, features.hashes,
+                      roi_global=joined(features.roi_global) if features.roi_global is not None else None)
+
+
+@pytest.mark.parametrize("method", ["medfocus", "medfocus_dual"])
+def test_fusion_heads_take_tokens_narrower_than_an_encoder_banks_global_embedding(task, method, tmp_path):
+    train, test, text = task
+    bank_train, bank_test = _as_bank(train, 48, seed=1), _as_bank(test, 48, seed=2)
+    no_text = ClassText(text.class_names, None)  # a bank has no text tower
+    model = fit(method, bank_train, no_text, FAST, seed=0)
+    assert (model.embed_dim, model.head.architecture["token_dim"]) == (80, 32)
+    assert accuracy(model, bank_test) > 0.8  # the class is in the ROI tokens, which the bank keeps
+    loaded = FittedModel.load(model.save(tmp_path / "bank.pt"))
+    assert torch.equal(loaded.predict_proba(bank_test), model.predict_proba(bank_test))
+    other_tokens = FeatureSet(bank_test.global_emb, bank_test.patch_tokens[:, :, :16], bank_test.roi_weights,
+                              bank_test.labels, bank_test.hashes, roi_global=bank_test.roi_global)
+    with pytest.raises(FeatureMismatchError, match="32-d patch tokens"):
+        model.predict_proba(other_tokens)
+
+
 # --- medfocus_dual: whole image and ROI view behind a gate ------------------------------------------------------
 
 
@@ -247,7 +276,8 @@ def test_stacked_fusion_heads_train_as_they_would_one_by_one(task):
     row_sets = [torch.arange(0, 40), torch.arange(20, 60), torch.arange(60)]
 
     def new_head(rows):
-        return methods._new_fusion_head(text.class_means(), inputs.patches.shape[1], FAST, torch.Generator().manual_seed(len(rows)))
+        return methods._new_fusion_head(text.class_means(), inputs.patches[rows], train.labels[rows], FAST,
+                                        torch.Generator().manual_seed(len(rows)))
 
     alone = []
     for rows in row_sets:
@@ -372,7 +402,9 @@ def test_stratified_folds_cover_every_image_once():
 def test_feature_set_checks_shapes_and_subsets(task):
     train, _, _ = task
     with pytest.raises(FeatureMismatchError, match="patch_tokens"):
-        FeatureSet(train.global_emb, train.patch_tokens[:, :, :8], train.roi_weights, train.labels, train.hashes)
+        FeatureSet(train.global_emb, train.patch_tokens[:-1], train.roi_weights, train.labels, train.hashes)
+    narrower = FeatureSet(train.global_emb, train.patch_tokens[:, :, :8], train.roi_weights, train.labels, train.hashes)
+    assert (narrower.embed_dim, narrower.token_dim) == (32, 8)  # an encoder bank: tokens of one encoder, globals of all
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         FeatureSet(train.global_emb, train.patch_tokens, train.roi_weights * 2, train.labels, train.hashes)
     half = FeatureSet(train.global_emb.half(), train.patch_tokens.half(), train.roi_weights, train.labels, train.hashes)

@@ -34,7 +34,7 @@ class FeatureSet:
     """
 
     global_emb: Tensor  # (N, D)
-    patch_tokens: Tensor  # (N, L, D)
+    patch_tokens: Tensor  # (N, L, D_tokens); D_tokens = D except for an encoder bank
     roi_weights: Tensor  # (N, L) in [0, 1]; all zeros when an image has no ROI
     labels: Tensor  # (N,) long
     hashes: list[str]
@@ -51,8 +51,10 @@ class FeatureSet:
         if self.global_emb.ndim != 2:
             raise FeatureMismatchError(f"global_emb must be (N, D), got shape {tuple(self.global_emb.shape)}")
         n, d = self.global_emb.shape
-        if self.patch_tokens.ndim != 3 or self.patch_tokens.shape[0] != n or self.patch_tokens.shape[2] != d:
-            raise FeatureMismatchError(f"patch_tokens must be (N={n}, L, D={d}), got shape {tuple(self.patch_tokens.shape)}")
+        # The tokens' width may differ from the global embedding's: an encoder bank's global embedding joins several
+        # encoders, its tokens come from one of them.
+        if self.patch_tokens.ndim != 3 or self.patch_tokens.shape[0] != n:
+            raise FeatureMismatchError(f"patch_tokens must be (N={n}, L, D_tokens), got shape {tuple(self.patch_tokens.shape)}")
         length = self.patch_tokens.shape[1]
         if tuple(self.roi_weights.shape) != (n, length):
             raise FeatureMismatchError(f"roi_weights must be (N={n}, L={length}), got shape {tuple(self.roi_weights.shape)}")
@@ -71,6 +73,10 @@ class FeatureSet:
     @property
     def embed_dim(self) -> int:
         return self.global_emb.shape[1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_tokens.shape[2]
 
     @property
     def num_patches(self) -> int:

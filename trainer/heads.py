@@ -22,7 +22,7 @@ class HeadInputs:
     """Features in the form the heads use: L2-normalised embeddings, prepared once per fit, not per epoch."""
 
     image: Tensor  # (N, D) normalised global embeddings
-    patches: Tensor | None  # (N, L, D) normalised patch tokens; None for heads that ignore them
+    patches: Tensor | None  # (N, L, D_tokens) normalised patch tokens; None for heads that ignore them
     roi: Tensor | None  # (N, L)
     roi_view: Tensor | None = None  # (N, D) normalised ROI-view embeddings; None for heads that ignore them
     has_roi: Tensor | None = None  # (N,) bool: the image has an ROI at all (some roi weight > 0)
@@ -148,18 +148,18 @@ def fusion_logits(params: dict[str, Tensor], inputs: HeadInputs) -> tuple[Tensor
     this way (``medfocus_dual`` in methods.py).
     """
     query_proj = params["query_proj"]
-    stack, heads, head_dim, embed_dim = query_proj.shape
+    stack, heads, head_dim, token_dim = query_proj.shape
     num_classes = params["class_queries"].shape[1]
     samples, length, _ = inputs.patches.shape
     queries = torch.einsum("shed,scd->sche", query_proj, params["class_queries"])
     folded = torch.einsum("sche,shed->schd", queries, params["key_proj"]) / math.sqrt(head_dim)
     # (S·C·H, D) against each image's (D, L) tokens: the scores come out (N, S·C·H, L), softmax-ready without a copy
-    scores = torch.matmul(folded.reshape(stack * num_classes * heads, embed_dim), inputs.patches.transpose(1, 2))
+    scores = torch.matmul(folded.reshape(stack * num_classes * heads, token_dim), inputs.patches.transpose(1, 2))
     scores = scores.view(samples, stack, num_classes, heads, length)
     scores = scores + params["roi_bias"][None, :, None, :, None] * inputs.roi[:, None, None, None, :]
     attention = scores.softmax(dim=-1)
     pooled = torch.bmm(attention.view(samples, stack * num_classes * heads, length), inputs.patches)
-    pooled = pooled.view(samples, stack, num_classes, heads, embed_dim)
+    pooled = pooled.view(samples, stack, num_classes, heads, token_dim)
     values = torch.einsum("nschd,shed->nsche", pooled, params["value_proj"]).reshape(samples, stack, -1)
     fused = F.normalize(inputs.image[:, None, :] + torch.einsum("nsk,sdk->nsd", values, params["out_proj"]), dim=-1)
     scale = params["log_logit_scale"].exp().clamp(max=MAX_LOGIT_SCALE)
@@ -194,31 +194,35 @@ class FusionHead(nn.Module):
         logit_scale: float,
         learn_logit_scale: bool,
         num_patches: int,
+        token_dim: int | None = None,
     ):
         super().__init__()
+        token_dim = token_dim or embed_dim  # heads saved before encoder banks have tokens as wide as the global embedding
         self.architecture = {
             "embed_dim": embed_dim, "num_classes": num_classes, "heads": heads, "head_dim": head_dim,
             "roi_bias_strength": roi_bias_strength, "learn_roi_bias": learn_roi_bias,
             "logit_scale": logit_scale, "learn_logit_scale": learn_logit_scale, "num_patches": num_patches,
+            "token_dim": token_dim,
         }
         self.num_patches = num_patches
         self.class_embeddings = nn.Parameter(torch.zeros(num_classes, embed_dim))
-        self.class_queries = nn.Parameter(torch.zeros(num_classes, embed_dim))
-        self.query_proj = nn.Parameter(torch.zeros(heads, head_dim, embed_dim))
-        self.key_proj = nn.Parameter(torch.zeros(heads, head_dim, embed_dim))
-        self.value_proj = nn.Parameter(torch.zeros(heads, head_dim, embed_dim))
+        self.class_queries = nn.Parameter(torch.zeros(num_classes, token_dim))
+        self.query_proj = nn.Parameter(torch.zeros(heads, head_dim, token_dim))
+        self.key_proj = nn.Parameter(torch.zeros(heads, head_dim, token_dim))
+        self.value_proj = nn.Parameter(torch.zeros(heads, head_dim, token_dim))
         self.out_proj = nn.Parameter(torch.zeros(embed_dim, num_classes * heads * head_dim))
         self.roi_bias = nn.Parameter(torch.full((heads,), float(roi_bias_strength)), requires_grad=learn_roi_bias)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=learn_logit_scale)
 
-    def initialise(self, class_init: Tensor, generator: torch.Generator) -> None:
-        """Class embeddings and queries from ``class_init`` (C, D); projections random (seeded); output projection zero."""
-        embed_dim = self.class_embeddings.shape[1]
+    def initialise(self, class_init: Tensor, generator: torch.Generator, query_init: Tensor | None = None) -> None:
+        """Class embeddings from ``class_init`` (C, D), class queries from ``query_init`` (C, D_tokens; default
+        ``class_init``); projections random (seeded); output projection zero."""
+        token_dim = self.class_queries.shape[1]
         with torch.no_grad():
             self.class_embeddings.copy_(class_init)
-            self.class_queries.copy_(class_init)
+            self.class_queries.copy_(class_init if query_init is None else query_init)
             for weight in (self.query_proj, self.key_proj, self.value_proj):
-                weight.copy_(_normal(tuple(weight.shape), 1.0 / math.sqrt(embed_dim), generator))
+                weight.copy_(_normal(tuple(weight.shape), 1.0 / math.sqrt(token_dim), generator))
             self.out_proj.zero_()
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
@@ -265,13 +269,15 @@ class DualViewHead(nn.Module):
     uses_roi_view = True
 
     def __init__(self, embed_dim: int, num_classes: int, logit_scale: float, learn_logit_scale: bool, heads: int,
-                 head_dim: int, num_patches: int):
+                 head_dim: int, num_patches: int, token_dim: int | None = None):
         super().__init__()
+        token_dim = token_dim or embed_dim
         self.architecture = {"embed_dim": embed_dim, "num_classes": num_classes, "logit_scale": logit_scale,
                              "learn_logit_scale": learn_logit_scale, "heads": heads, "head_dim": head_dim,
-                             "num_patches": num_patches}
+                             "num_patches": num_patches, "token_dim": token_dim}
         self.whole = FusionHead(embed_dim, num_classes, heads, head_dim, roi_bias_strength=0.0, learn_roi_bias=False,
-                                logit_scale=logit_scale, learn_logit_scale=learn_logit_scale, num_patches=num_patches)
+                                logit_scale=logit_scale, learn_logit_scale=learn_logit_scale, num_patches=num_patches,
+                                token_dim=token_dim)
         self.roi = CosineClassifierHead(embed_dim, num_classes, logit_scale, trainable=True, learn_logit_scale=learn_logit_scale)
         self.register_buffer("gate_bias", torch.tensor(float("-inf")))
         self.register_buffer("gate_slope", torch.tensor(0.0))

@@ -93,6 +93,12 @@ class FittedModel:
                 f"this {self.method} model was trained on {expected_patches} patch tokens per image; these have "
                 f"{features.num_patches} (another encoder or input size)"
             )
+        expected_width = self.head.architecture.get("token_dim")
+        if expected_width is not None and features.token_dim != expected_width:
+            raise FeatureMismatchError(
+                f"this {self.method} model was trained on {expected_width}-d patch tokens; these are {features.token_dim}-d "
+                "(another encoder bank)"
+            )
 
     def inputs(self, features: FeatureSet) -> HeadInputs:
         self.check_features(features)
@@ -444,14 +450,27 @@ def _fit_clip_fewshot(inputs, labels, class_init, config: TrainConfig, seed, gen
     return head, {"hyperparameters": hyperparameters, "hyperparameter_source": "fixed in advance (TrainConfig)", **info}
 
 
-def _new_fusion_head(class_init: Tensor, num_patches: int, config: TrainConfig, generator: torch.Generator) -> FusionHead:
+def _query_init(class_init: Tensor, patches: Tensor, labels: Tensor) -> Tensor | None:
+    """The class queries' start when the tokens are narrower than the global embedding (an encoder bank): each class's
+    mean token, normalised; None (start from ``class_init``) when they share its width."""
+    if patches.shape[2] == class_init.shape[1]:
+        return None
+    sums = torch.zeros(class_init.shape[0], patches.shape[2]).index_add_(0, labels, patches.mean(dim=1))
+    counts = torch.bincount(labels, minlength=class_init.shape[0]).clamp(min=1)
+    return F.normalize(sums / counts[:, None], dim=-1)
+
+
+def _new_fusion_head(class_init: Tensor, patches: Tensor, labels: Tensor, config: TrainConfig,
+                     generator: torch.Generator) -> FusionHead:
+    """A fusion head for these (normalised) training tokens, initialised from ``class_init``."""
     num_classes, embed_dim = class_init.shape
     head = FusionHead(
         embed_dim, num_classes, heads=config.attention_heads, head_dim=config.head_dim,
         roi_bias_strength=config.roi_bias_strength, learn_roi_bias=config.learn_roi_bias,
-        logit_scale=1.0 / config.temperature, learn_logit_scale=config.learn_temperature, num_patches=num_patches,
+        logit_scale=1.0 / config.temperature, learn_logit_scale=config.learn_temperature, num_patches=patches.shape[1],
+        token_dim=patches.shape[2],
     )
-    head.initialise(class_init, generator)
+    head.initialise(class_init, generator, _query_init(class_init, patches, labels))
     return head
 
 
@@ -464,7 +483,7 @@ def _fusion_fit_info(head: FusionHead, config: TrainConfig, training: dict) -> d
 
 
 def _fit_medfocus(inputs, labels, class_init, config: TrainConfig, seed, generator):
-    head = _new_fusion_head(class_init, inputs.patches.shape[1], config, generator)
+    head = _new_fusion_head(class_init, inputs.patches, labels, config, generator)
     info = _train_with_medfocus_loss(head, inputs, labels, config, generator, no_decay=head.no_decay_parameters())
     return head, _fusion_fit_info(head, config, info)
 
@@ -522,7 +541,6 @@ def _train_branches(inputs: HeadInputs, labels: Tensor, row_sets: list[Tensor], 
     training draws nothing from the generator, so their initial weights are drawn in the same order as one by one.
     """
     whole_config = _whole_image_only(config)
-    num_patches = inputs.patches.shape[1]
     if max(len(rows) for rows in row_sets) > config.batch_size:
         branches = []
         for rows in row_sets:
@@ -532,8 +550,8 @@ def _train_branches(inputs: HeadInputs, labels: Tensor, row_sets: list[Tensor], 
             roi, roi_info = _roi_branch(part, part_labels, text, config, generator)
             branches.append((whole, roi, {"whole": whole_info, "roi": roi_info}))
         return branches
-    wholes = [_new_fusion_head(_class_init(text, inputs.image[rows], labels[rows])[0], num_patches, whole_config, generator)
-              for rows in row_sets]
+    wholes = [_new_fusion_head(_class_init(text, inputs.image[rows], labels[rows])[0], inputs.patches[rows], labels[rows],
+                               whole_config, generator) for rows in row_sets]
     trainings = _train_fusion_heads_stacked(wholes, inputs, labels, row_sets, whole_config)
     branches = []
     for rows, whole, training in zip(row_sets, wholes, trainings):
@@ -595,7 +613,8 @@ def _fit_gate(whole_logits: Tensor, roi_logits: Tensor, feature: Tensor, has_roi
 def _fit_medfocus_dual(inputs, labels, class_init, config: TrainConfig, seed, generator, text: ClassText):
     num_classes, embed_dim = class_init.shape
     head = DualViewHead(embed_dim, num_classes, 1.0 / config.temperature, config.learn_temperature,
-                        heads=config.attention_heads, head_dim=config.head_dim, num_patches=inputs.patches.shape[1])
+                        heads=config.attention_heads, head_dim=config.head_dim, num_patches=inputs.patches.shape[1],
+                        token_dim=inputs.patches.shape[2])
     smallest = int(torch.unique(labels, return_counts=True)[1].min())
     folds = (stratified_folds(labels, min(config.dual_folds, smallest), seed) if smallest >= 2 else
              f"subset too small for out-of-fold gate fitting: a class has {smallest} < 2 images")

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 from medfocus.pipeline.patch_grid import roi_patch_weights  # noqa: F401  (part of steering's interface)
 
-from medfocus.pipeline.vocabulary import STEERING_MODES
+from medfocus.pipeline.vocabulary import DUAL_ROI_VIEWS, STEERING_MODES
 
 # Defaults of every mode's parameters; the cache key is built from the completed, canonical dict.
 DEFAULT_STEERING_PARAMS: dict[str, dict[str, Any]] = {
@@ -47,8 +47,9 @@ DEFAULT_STEERING_PARAMS: dict[str, dict[str, Any]] = {
     # strength: logit bias of a patch fully outside the ROI (its attention weight shrinks by exp(-strength));
     # layers: transformer blocks that get the bias, "all" or a list of block indices.
     "attention": {"strength": 2.0, "layers": "all"},
-    # dual: the whole image as it is, plus an ROI view (the ROI-pooled embedding) stored beside it.
-    "dual": {},
+    # dual: the whole image as it is, plus an ROI view stored beside it: roi_view "pooled" (the tokens averaged over the
+    # ROI) or "crop" (the ROI box, with margin as in crop, encoded on its own).
+    "dual": {"roi_view": "pooled", "margin": 0.1},
 }
 
 # Distinct, colour-blind-friendly colours (matplotlib's tab10) for the overlay; label k gets colour (k - 1) mod 10.
@@ -112,6 +113,15 @@ def steering_params(mode: str, **params: Any) -> dict[str, Any]:
         if strength < 0.0 or not math.isfinite(strength):
             raise ValueError(f"attention strength must be a finite number >= 0, got {strength}")
         return {"strength": strength, "layers": canonical_layers(merged["layers"])}
+    if mode == "dual":
+        if merged["roi_view"] not in DUAL_ROI_VIEWS:
+            raise ValueError(f"dual roi_view must be one of {', '.join(DUAL_ROI_VIEWS)}, got {merged['roi_view']!r}")
+        if merged["roi_view"] == "pooled":
+            return {"roi_view": "pooled"}  # the margin plays no part: it must not split the store's key
+        margin = float(merged["margin"])
+        if margin < 0.0:
+            raise ValueError(f"dual crop margin must be >= 0, got {margin}")
+        return {"roi_view": "crop", "margin": margin}
     return {}
 
 
