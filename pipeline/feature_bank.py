@@ -18,6 +18,8 @@ from medfocus.pipeline.store import FeatureStore, store_key
 
 BANK_FAMILY = "bank"
 JOINED_ARRAYS = ("global", "roi_global")  # joined across encoders; the other arrays are the first encoder's
+# In the bank's key: a head trained on one way of joining is never served features joined another way.
+JOIN_RULE = "concatenated L2-normalised global and roi_global; the first encoder's patches and roi_weights"
 
 
 def _normalised(array: np.ndarray) -> np.ndarray:
@@ -64,7 +66,7 @@ class FeatureBank:
 
     @property
     def key(self) -> str:
-        return store_key({"bank": [store.key for store in self.stores]})
+        return store_key({"bank": [store.key for store in self.stores], "join": JOIN_RULE})
 
     @property
     def attrs(self) -> dict:

@@ -292,6 +292,8 @@ def features(
         summary = run_features(spec, params, paths, progress=not quiet)
         overview = _stage_overview(summary, ("weights_source",))
         overview["stores"] = {m: v["store"] for m, v in summary["modes"].items()}
+        if summary.get("bank_runs"):  # an encoder bank: every encoder's stores
+            overview["bank_stores"] = {run["encoder"]: {m: v["store"] for m, v in run["modes"].items()} for run in summary["bank_runs"]}
         _print_json(overview | {"summary": str(paths.features_summary)})
         return summary
 

@@ -193,10 +193,11 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
     for encoder in encoders:
         if encoder.note:
             log.info("%s", encoder.note)
-    if "attention" in modes and not spec.encoder.steers_attention:
+    without_attention = [encoder for encoder in encoders if not encoder.steers_attention]
+    if "attention" in modes and without_attention:
         raise UnsupportedEncoderFeature(
-            f"mode 'attention' biases the attention inside a ViT, and {spec.encoder.identity['model']} has none to bias: "
-            "use the modes none, dual, overlay, blur or crop with it"
+            f"mode 'attention' biases the attention inside a ViT, and {without_attention[0].identity['model']} has none to "
+            "bias: use the modes none, dual, overlay, blur or crop with it"
         )
     for encoder in encoders:
         if encoder.random_init:
@@ -237,7 +238,7 @@ def features(dataset: DatasetSpec, params: Params, paths: DatasetPaths, modes: l
                    "scheduler": settings.scheduler, "workers": settings.workers, "modes": run_modes,
                    "versions": package_versions()}
     if spec.bank:
-        run_summary["bank"] = [{"encoder": member.encoder.identity["model"], "modes": member_runs}
+        run_summary["bank_runs"] = [{"encoder": member.encoder.identity["model"], "modes": member_runs}
                                for member, (_, member_runs) in zip(spec.encoders, made)]
     write_json(run_file(paths.features_summary), run_summary)
     merged_modes = {mode: content_modes[mode] | run_modes[mode] for mode in content_modes}

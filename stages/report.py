@@ -380,12 +380,16 @@ def _provenance_section(info: dict) -> str:
     encoder, segmenter = features.get("encoder", {}), segment.get("spec", {})
     model = segmenter.get("model", {})
     segmenter_source = RANDOM_INIT if segment.get("random_init") else f"pretrained: {model.get('name')}"
+    # an encoder bank: one row per encoder, with its weights and its own stores
+    members = [member["encoder"] for member in features.get("bank", [])] or [encoder]
     weights_rows = [
-        ["image encoder", encoder.get("model"), features.get("weights_source"), encoder.get("weights_sha256")],
+        *[["image encoder", member.get("model"), member.get("weights_source"), member.get("weights_sha256")] for member in members],
         ["segmenter", segmenter.get("backend"), segmenter_source, model.get("weights_sha256")],
     ]
     stores = [["masks", "—", segment.get("store_key"), segment.get("store")]]
     stores += [["features", mode, entry.get("store_key"), entry.get("store")] for mode, entry in features.get("modes", {}).items()]
+    stores += [[f"features ({member['encoder'].get('model')})", mode, entry.get("store_key"), "—"]
+               for member in features.get("bank", [])[1:] for mode, entry in member.get("modes", {}).items()]
     runs = [["segment", segment.get("total"), segment.get("processed"), segment.get("skipped"), segment.get("failed_count"),
              segment.get("seconds"), segment.get("scheduler")]]
     runs += [[f"features [{mode}]", m.get("total"), m.get("processed"), m.get("skipped"), m.get("failed_count"),

@@ -35,4 +35,7 @@ def resolve(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
         log.info("%s", features.encoder.note)
     return {"segment": segment.key, "features": {mode: store.key for mode, store in features.stores.items()},
             "encoder": features.encoder.identity["model"], "weights_source": features.encoder.weights_source,
+            **({"bank": [{"encoder": member.encoder.identity["model"], "weights_source": member.encoder.weights_source,
+                          "features": {mode: store.key for mode, store in member.stores.items()}}
+                         for member in features.bank]} if features.bank else {}),
             "external": {name: item["images"] for name, item in external["sets"].items()}}

@@ -208,7 +208,7 @@ def test_an_encoder_bank_keeps_a_store_per_encoder_and_is_read_and_predicted_as_
     settings = {"model": bank, "modes": ["none"], "scheduler": "synchronous", "dtype": "float32"}
     params, cache = params_file(tmp_path, images, features=settings), tmp_path / "cache"
     overview = stage_json(medfocus(*command("features", params, cache, "-q")))
-    assert overview["processed"] == 18  # 9 images x 2 encoders
+    assert overview["processed"] == 18 and list(overview["bank_stores"]) == bank  # 9 images x 2 encoders
     result = json.loads(open(overview["summary"]).read())  # features.json
     assert result["encoder"]["model"] == "efficientnet_lite0+efficientnet_lite1" and not result["random_init"]
     assert [member["encoder"]["model"] for member in result["bank"]] == bank
@@ -270,3 +270,11 @@ def test_an_encoder_bank_is_validated():
                          ("litemedsam+efficientnet_lite9", "unknown encoder model"), ("litemedsam+", "empty encoder name")]:
         with pytest.raises(ValueError, match=message):
             FeaturesParams(model=bad)
+
+
+def test_a_bank_with_an_encoder_without_attention_refuses_mode_attention(images, tmp_path):  # noqa: F811
+    settings = {"model": ["ViT-B-32", "efficientnet_lite0"], "pretrained": "none", "modes": ["attention"],
+                "scheduler": "synchronous"}
+    params = params_file(tmp_path, images, features=settings)
+    refused = medfocus(*command("features", params, tmp_path / "cache", "-q"))
+    assert refused.exit_code == 2 and "efficientnet_lite0 has none to bias" in refused.stderr, refused.output
