@@ -227,9 +227,10 @@ def _source_mode(path: Path) -> str:
 def file_identity(path: Path) -> str:
     """What tells one version of a file from another without reading it: its path, size, modification time, device,
     inode and status-change time. Rewriting a file changes its ctime even when its size stays and its mtime is set back
-    (``touch -d``, ``os.utime``, copies that keep times); replacing it changes the inode."""
+    (``touch -d``, ``os.utime``, copies that keep times); replacing it changes the inode. The path is resolved, so one
+    folder reached from another working directory (``../data`` from two checkouts) is the same listing."""
     stat = path.stat()
-    return f"{path.absolute()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_dev}|{stat.st_ino}|{stat.st_ctime_ns}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_dev}|{stat.st_ino}|{stat.st_ctime_ns}"
 
 
 def inspect_files(found: list[FoundFile], progress: bool = False,

@@ -245,6 +245,23 @@ def test_a_rewritten_image_with_its_size_and_mtime_kept_is_noticed(bmp_dataset, 
     assert {e.path: e.hash for e in read_manifest(paths.manifest)}["beta/2.bmp"] == file_sha256(target2)
 
 
+def test_the_same_folder_from_another_working_directory_is_not_prepared_again(bmp_dataset, tmp_path, monkeypatch):
+    # ../bmp from two checkouts (two working directories) names the same files: nothing to prepare again
+    for checkout in ("one", "two"):
+        (tmp_path / checkout).mkdir()
+    spec_of = {}
+    for checkout in ("one", "two"):
+        monkeypatch.chdir(tmp_path / checkout)
+        spec_of[checkout] = resolve_dataset("knee", Path("..") / "bmp")
+    params, paths = parse_params({}), DatasetPaths("knee", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path / "one")
+    prepare_dataset(spec_of["one"], params, paths, progress=False)
+    recorded = paths.prepare_summary.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path / "two")
+    load_prepared(spec_of["two"], params, paths, progress=False)
+    assert paths.prepare_summary.stat().st_mtime_ns == recorded  # not prepared again
+
+
 def test_prepare_reads_only_changed_files_and_rehash_reads_every_one(bmp_dataset, tmp_path, monkeypatch):
     import medfocus.pipeline.manifest as manifest
 
