@@ -256,7 +256,13 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
     for key, reason in unavailable.items():
         log.warning("skipped %s: %s", key, reason)
     sources = {mode: store_identity(store) for mode, store in stores.items()}
-    return runs, {"features": sources, "skipped": unavailable, "images": alignment, "external": external_images}
+    # The encoder as the evaluated stores record it (features.json describes the last features run, which may have
+    # been of another encoder): its name (every encoder of a bank), weights and sha256.
+    attrs = next(iter(stores.values())).attrs
+    encoder = {"name": attrs["spec"]["encoder"].get("model"), "weights": attrs["provenance"]["weights_source"],
+               "sha256": attrs["spec"]["encoder"].get("weights_sha256")}
+    return runs, {"features": sources, "encoder": encoder, "skipped": unavailable, "images": alignment,
+                  "external": external_images}
 
 
 def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, prepared, stores: dict) -> tuple[dict, dict]:
@@ -383,24 +389,23 @@ def roi_quality(spec: DatasetSpec, params: Params, paths: DatasetPaths) -> dict 
     return {"dice": round(float(dice), 4), "iou": round(float(iou), 4), "n": len(scores), "truth": str(truth_root)}
 
 
-def _facts(spec: DatasetSpec, paths: DatasetPaths, metrics_images: dict, random_init: bool) -> tuple[dict, dict]:
-    """What the headline says of the data and the models, from prepare.json, segment.json and features.json."""
+def _facts(spec: DatasetSpec, paths: DatasetPaths, metrics_images: dict, random_init: bool, encoder: dict) -> tuple[dict, dict]:
+    """What the headline says of the data and the models, from prepare.json and segment.json, and of the encoder
+    ``encoder`` (the evaluated stores' record)."""
     def read(path: Path) -> dict:
         return read_json(path) if path.exists() else {}
 
-    prepare, segment, features = read(paths.prepare_summary), read(paths.segment_summary), read(paths.features_summary)
+    prepare, segment = read(paths.prepare_summary), read(paths.segment_summary)
     counts = prepare.get("counts", {"train": {}, "test": {}})
     names = [c["name"] for c in prepare.get("classes", [])] or sorted(set(counts["train"]) | set(counts["test"]))
     dataset = {"name": spec.name, "images": prepare.get("images"),
                "train_images": sum(counts["train"].values()) - metrics_images.get("train_images_left_out", 0),
                "test_images": metrics_images["test_images"],
                "classes": [{"name": n, "train": counts["train"].get(n, 0), "test": counts["test"].get(n, 0)} for n in names]}
-    encoder = features.get("encoder", {})
     segmenter, model = segment.get("spec", {}), segment.get("spec", {}).get("model", {})
     segmenter_random = bool(segment.get("random_init"))
     models = {
-        "encoder": {"name": encoder.get("model"), "weights": features.get("weights_source"), "sha256": encoder.get("weights_sha256"),
-                    "random_init": bool(random_init or features.get("random_init"))},
+        "encoder": encoder | {"random_init": bool(random_init or is_random_init(encoder["weights"]))},
         # None when no segmenter ran for these features (only modes without an ROI).
         "segmenter": {"name": segmenter.get("backend"), "policy": segment.get("policy"), "sha256": model.get("weights_sha256"),
                       "weights": RANDOM_INIT if segmenter_random else f"pretrained: {model.get('name')}",
@@ -514,7 +519,7 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
         "seconds": round(time.perf_counter() - started, 2),
         "versions": package_versions(),
     }
-    dataset, models = _facts(spec, paths, identity["images"], random_init)
+    dataset, models = _facts(spec, paths, identity["images"], random_init, identity["encoder"])
     chosen = {key: shown[key] for key in ("method", "mode", "fraction", "shots")}
     chosen["chosen_by"] = ("params.yaml's train.method/train.mode, the head that medfocus train fits"
                            if (shown["method"], shown["mode"]) == (params.train.method, params.train.mode) else

@@ -257,6 +257,12 @@ def test_an_encoder_bank_keeps_a_store_per_encoder_and_is_read_and_predicted_as_
     # another bank (lite0 + lite2) is another feature source: the head trained on lite0 + lite1 is not taken for it
     other = params_file(tmp_path / "other", images, features=settings | {"model": ["efficientnet_lite0", "efficientnet_lite2"]})
     assert medfocus(*command("features", other, cache, "-q")).exit_code == 0
+    # features.json now describes that run; evaluating the first bank names the first bank (its stores' record)
+    quick = ("--method", "linear_probe", "--fraction", "1.0", "--seed", "0")
+    assert medfocus(*command("evaluate", params, cache, "-q", *quick)).exit_code == 0
+    metrics = json.loads((DatasetPaths(DATASET, cache).dir / "metrics.json").read_text())
+    assert metrics["summary"]["models"]["encoder"]["name"] == "efficientnet_lite0+efficientnet_lite1"
+    assert metrics["summary"]["models"]["encoder"]["sha256"] == result["encoder"]["weights_sha256"]
     refused = medfocus(*command("predict", other, cache), image)
     assert refused.exit_code == 2 and "no head trained with today's settings" in refused.stderr, refused.output
 
