@@ -3,7 +3,8 @@
 #   bash benchmarks/wave_protocol.sh CACHE STEP...
 # CACHE: a cache folder outside the repository (prepare and segment already run there with
 # benchmarks/params/wave_protocol.yaml for brain_tumor and covid). Steps, in the order they were run:
-#   features-<dataset>          stores of LiteMedSAM and EfficientNet-Lite2 (modes none, dual) and Lite2's zoom view
+#   features-<dataset>          stores of LiteMedSAM and EfficientNet-Lite2 (modes none, dual)
+#   zoomfeatures-<dataset>      Lite2's dual-view store with the zoom (features.dual_roi_view: crop)
 #   small-<dataset>-<encoder>   every method, modes none and dual, 5 / 10 / 20 %, 5 seeds (+ Br35H for brain_tumor)
 #   large-<dataset>-<encoder>   50 / 100 %, seeds 0 and 1, the fusion heads and the linear probe
 #   zoom-<dataset>              the dual view with Lite2's ROI crop encoded (features.dual_roi_view: crop), 5-20 %, 5 seeds
@@ -53,7 +54,9 @@ for step in "$@"; do
   case "$kind" in
     features)
       echo "== $step ($(date -u +%H:%M:%S))"
-      medfocus features -d "$dataset" --root "$(root_of "$dataset")" --params $P --cache-dir "$CACHE" -q --model litemedsam+efficientnet_lite2
+      medfocus features -d "$dataset" --root "$(root_of "$dataset")" --params $P --cache-dir "$CACHE" -q --model litemedsam+efficientnet_lite2 ;;
+    zoomfeatures)
+      echo "== $step ($(date -u +%H:%M:%S))"
       medfocus features -d "$dataset" --root "$(root_of "$dataset")" --params $ZOOM --cache-dir "$CACHE" -q --model efficientnet_lite2 --mode dual ;;
     small)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" --fraction 0.05 --fraction 0.1 --fraction 0.2 ;;
