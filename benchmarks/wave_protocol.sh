@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # This wave's full-size runs (issues 23, 24, 28), from one commit, on the stores the segment stage made:
 #   bash benchmarks/wave_protocol.sh CACHE STEP...
-# CACHE: a cache folder outside the repository (prepare and segment already run there with
-# benchmarks/params/wave_protocol.yaml for brain_tumor and covid). Steps, in the order they were run:
+# CACHE: a cache folder outside the repository. Steps, in the order they were run:
+#   segment-<dataset>           prepare and segment (brain_tumor and covid were run the same way at 7c78bda, before this step)
 #   features-<dataset>          stores of LiteMedSAM and EfficientNet-Lite2 (modes none, dual)
 #   zoomfeatures-<dataset>      Lite2's dual-view store with the zoom (features.dual_roi_view: crop)
 #   small-<dataset>-<encoder>   every method, modes none and dual, 5 / 10 / 20 %, 5 seeds (+ Br35H for brain_tumor)
@@ -24,6 +24,7 @@ root_of() {
   case "$1" in
     covid) echo "$SHARED/covid" ;;
     brain_tumor) echo "$SHARED/brain_tumor/train" ;;
+    breast_cancer) echo "$SHARED/breast_ultrasound" ;;
     *) echo "unknown dataset $1" >&2; exit 2 ;;
   esac
 }
@@ -52,6 +53,10 @@ EOF
 for step in "$@"; do
   IFS=- read -r kind dataset encoder <<< "$step"
   case "$kind" in
+    segment)
+      echo "== $step ($(date -u +%H:%M:%S))"
+      medfocus prepare -d "$dataset" --root "$(root_of "$dataset")" --params $P --cache-dir "$CACHE" -q | tail -3
+      medfocus segment -d "$dataset" --root "$(root_of "$dataset")" --params $P --cache-dir "$CACHE" -q | tail -3 ;;
     features)
       echo "== $step ($(date -u +%H:%M:%S))"
       medfocus features -d "$dataset" --root "$(root_of "$dataset")" --params $P --cache-dir "$CACHE" -q --model litemedsam+efficientnet_lite2 ;;
