@@ -8,6 +8,7 @@
 #   small-<dataset>-<encoder>   every method, modes none and dual, 5 / 10 / 20 %, 5 seeds (+ Br35H for brain_tumor)
 #   large-<dataset>-<encoder>   50 / 100 %, seeds 0 and 1, the fusion heads and the linear probe
 #   zoom-<dataset>              the dual view with Lite2's ROI crop encoded (features.dual_roi_view: crop), 5-20 %, 5 seeds
+#   pooled-<dataset>            its counterpart: Lite2's dual view with the ROI-pooled view (the default)
 #   all-<dataset>-<encoder>     every fraction, 5 seeds (COVID: 317 images, cheap)
 # encoder: litemedsam | lite2 | bank (litemedsam+efficientnet_lite2). Each evaluate's metrics.json is copied to
 # benchmarks/results/wave_<step>.json with the commit that made it.
@@ -70,6 +71,9 @@ for step in "$@"; do
         --method linear_probe --method medfocus --method medfocus_dual ;;
     zoom)
       evaluate "$step" "$dataset" $ZOOM --model efficientnet_lite2 --mode dual --method medfocus_dual \
+        --fraction 0.05 --fraction 0.1 --fraction 0.2 ;;
+    pooled)
+      evaluate "$step" "$dataset" $P --model efficientnet_lite2 --mode dual --method medfocus_dual \
         --fraction 0.05 --fraction 0.1 --fraction 0.2 ;;
     all)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" ;;
