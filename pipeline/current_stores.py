@@ -31,8 +31,7 @@ from medfocus.pipeline.specs import (
     SegmentSpec,
     code_fingerprint,
     needs_segment,
-    resolve_bank,
-    resolve_encoder,
+    resolve_encoders,
     resolve_features,
     resolve_segment,
 )
@@ -86,7 +85,7 @@ def resolve_specs(dataset: DatasetSpec, params: Params, paths: DatasetPaths, pre
     """Resolve today's specs (``auto`` included) and write the spec files: the resolve stage's work."""
     segment = resolve_segment(params.segment, dataset.name)
     features = resolve_features(params.features, list(params.features.modes), segment, prepared.class_names,
-                                prepared.prompts, resolve_encoder(params.features))
+                                prepared.prompts)
     write_specs(paths, _resolved_from(dataset, params, prepared), segment, features)
     return segment, features
 
@@ -159,9 +158,9 @@ def resolve_features_for(dataset: DatasetSpec, params: Params, prepared: Prepare
         needs_masks = any(mode not in MODES_WITHOUT_MASKS for mode in modes)
         segment = current_segment_spec(dataset, params, paths) if needs_masks or LITEMEDSAM in families else None
         return _features_from_file(recorded, params, modes, segment)
-    encoder, bank = resolve_encoder(params.features), resolve_bank(params.features)
-    segment = current_segment_spec(dataset, params, paths) if needs_segment(params.features, [encoder, *bank], modes) else None
-    return resolve_features(params.features, modes, segment, prepared.class_names, prepared.prompts, encoder, bank)
+    encoders = resolve_encoders(params.features)
+    segment = current_segment_spec(dataset, params, paths) if needs_segment(params.features, encoders, modes) else None
+    return resolve_features(params.features, modes, segment, prepared.class_names, prepared.prompts, encoders)
 
 
 def feature_store_url(paths: DatasetPaths, store: FeatureStoreSpec, params: Params) -> str:

