@@ -10,6 +10,8 @@
 #   zoom-<dataset>              the dual view with Lite2's ROI crop encoded (features.dual_roi_view: crop), 5-20 %, 5 seeds
 #   pooled-<dataset>            its counterpart: Lite2's dual view with the ROI-pooled view (the default)
 #   all-<dataset>-<encoder>     every fraction, 5 seeds (COVID: 317 images, cheap)
+#   shots-<dataset>-<encoder>   every method, 1 / 2 / 4 / 8 / 16 images per class, 5 seeds (wave_protocol_shots.yaml)
+#   large5-<dataset>-<encoder>  50 / 100 %, 5 seeds, the fusion head (modes none, dual) and the linear probe
 # encoder: litemedsam | lite2 | bank (litemedsam+efficientnet_lite2). Each evaluate's metrics.json is copied to
 # benchmarks/results/wave_<step>.json with the commit that made it.
 set -euo pipefail
@@ -19,6 +21,7 @@ SHARED=${SHARED:-../shared/datasets}
 CACHE=$1; shift
 P=benchmarks/params/wave_protocol.yaml
 ZOOM=benchmarks/params/wave_protocol_zoom.yaml
+SHOTS=benchmarks/params/wave_protocol_shots.yaml
 COMMIT=$(git rev-parse --short HEAD)
 
 root_of() {
@@ -75,6 +78,11 @@ for step in "$@"; do
     pooled)
       evaluate "$step" "$dataset" $P --model efficientnet_lite2 --mode dual --method medfocus_dual \
         --fraction 0.05 --fraction 0.1 --fraction 0.2 ;;
+    shots)
+      evaluate "$step" "$dataset" $SHOTS --model "$(model_of "$encoder")" ;;
+    large5)
+      evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" --fraction 0.5 --fraction 1.0 \
+        --method linear_probe --method medfocus ;;
     all)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
