@@ -12,6 +12,8 @@
 #   all-<dataset>-<encoder>     every fraction, 5 seeds (COVID: 317 images, cheap)
 #   shots-<dataset>-<encoder>   every method, 1 / 2 / 4 / 8 / 16 images per class, 5 seeds (wave_protocol_shots.yaml)
 #   large5-<dataset>-<encoder>  50 / 100 %, 5 seeds, the fusion head (modes none, dual) and the linear probe
+#   dual5-<dataset>-<encoder>   50 / 100 %, 5 seeds, the gated dual view (medfocus_dual, mode dual)
+#   select-<dataset>-<encoder>  5 / 10 / 20 %, 5 seeds, medfocus_select (the ROI setting chosen on validation images)
 # encoder: litemedsam | lite2 | bank (litemedsam+efficientnet_lite2). Each evaluate's metrics.json is copied to
 # benchmarks/results/wave_<step>.json with the commit that made it.
 set -euo pipefail
@@ -83,6 +85,12 @@ for step in "$@"; do
     large5)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" --fraction 0.5 --fraction 1.0 \
         --method linear_probe --method medfocus ;;
+    dual5)
+      evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" --fraction 0.5 --fraction 1.0 \
+        --method medfocus_dual --mode dual ;;
+    select)
+      evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" --fraction 0.05 --fraction 0.1 --fraction 0.2 \
+        --method medfocus_select ;;
     all)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
