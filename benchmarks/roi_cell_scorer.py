@@ -1,0 +1,122 @@
+"""Could a learned scorer on EfficientNet-Lite2's feature-map cells find the brain tumour better than `brain-mri`?
+
+A probe for issue 23 item 3 (box IoU 0.60 / hit rate 0.90 on held-out brain_tumor_boxes slices; `brain-mri` reaches
+0.379 / 0.49). Each slice's last feature map (9x9 cells at 260²) is taken from Lite2; a cell is "tumour" when at least
+half of it lies inside the ground-truth box; a logistic regression on the L2-normalised cells is fitted on the tune
+part of `roi-fit`'s split of `brain-mri.json` (blocks of 20 file numbers, hold-out fraction 0.4, seed 0: 200 / 160
+slices) and scored on the held-out part. The proposal: the cells connected to the best cell whose probability is at
+least ``rel`` times the best one's; its box against the ground-truth box (box IoU; hit = at least half of the box
+covered), per weight decay and ``rel``. No LiteMedSAM decoding: the box itself is the proposal.
+
+    OMP_NUM_THREADS=2 python benchmarks/roi_cell_scorer.py --root ../shared/datasets/brain_tumor_boxes \\
+        --out benchmarks/results/roi_cell_scorer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medfocus.pipeline.encoders.efficientnet import EfficientNetLiteEncoder
+from medfocus.pipeline.images import load_image
+from medfocus.pipeline.segmenters.policy_fit import holdout_split
+
+
+def yolo_box(path: Path) -> tuple[float, float, float, float]:
+    _, xc, yc, w, h = map(float, path.read_text().split()[:5])
+    return xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
+
+
+def cell_cover(box, grid: int) -> np.ndarray:
+    """Share of each cell (row-major) inside the box; the slices are square, so the letterbox is a plain resize."""
+    edges = np.linspace(0, 1, grid + 1)
+    x0, y0, x1, y1 = box
+    fx = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None) * grid
+    fy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None) * grid
+    return (fy[:, None] * fx[None, :]).ravel()
+
+
+def grown_box(probability: np.ndarray, rel: float) -> tuple[float, float, float, float]:
+    grid = probability.shape[0]
+    keep = probability >= rel * probability.max()
+    region = np.zeros_like(keep)
+    stack = [np.unravel_index(probability.argmax(), probability.shape)]
+    while stack:
+        y, x = stack.pop()
+        if 0 <= y < grid and 0 <= x < grid and keep[y, x] and not region[y, x]:
+            region[y, x] = True
+            stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    ys, xs = np.where(region)
+    return xs.min() / grid, ys.min() / grid, (xs.max() + 1) / grid, (ys.max() + 1) / grid
+
+
+def box_scores(box, truth) -> tuple[float, bool]:
+    inter = (max(0.0, min(box[2], truth[2]) - max(box[0], truth[0]))
+             * max(0.0, min(box[3], truth[3]) - max(box[1], truth[1])))
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    truth_area = (truth[2] - truth[0]) * (truth[3] - truth[1])
+    return inter / (area + truth_area - inter), inter / truth_area >= 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="brain_tumor_boxes (images/, boxes/)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+    images = args.root / "images"
+    items = [(path, path.parent.name) for path in sorted(images.glob("*/*.jpg"))]
+    tune, held, _ = holdout_split(items, images, group_by="number:20", holdout_fraction=0.4, seed=0)
+    encoder = EfficientNetLiteEncoder("efficientnet_lite2")
+    grid = encoder.grid[0]
+
+    def cells(part):
+        tokens = [encoder.encode_images(encoder.preprocess(load_image(path))[None])[1][0].float().numpy()
+                  for path, _ in part]
+        tokens = np.stack(tokens)
+        return tokens / np.linalg.norm(tokens, axis=2, keepdims=True)
+
+    def boxes(part):
+        return [yolo_box(args.root / "boxes" / path.parent.name / f"{path.stem}.txt") for path, _ in part]
+
+    tune_cells, held_cells = cells(tune), cells(held)
+    tune_boxes, held_boxes = boxes(tune), boxes(held)
+    x = torch.tensor(tune_cells.reshape(-1, tune_cells.shape[2]))
+    y = torch.tensor(np.concatenate([cell_cover(box, grid) >= 0.5 for box in tune_boxes]).astype(np.float32))
+    held_classes = np.array([label for _, label in held])
+    report = {"command": "python benchmarks/roi_cell_scorer.py " + " ".join(os.sys.argv[1:]),
+              "tune": len(tune), "held_out": len(held), "grid": grid, "rows": []}
+    for weight_decay in (1e-4, 1e-3, 1e-2):
+        weight = torch.zeros(x.shape[1], requires_grad=True)
+        bias = torch.zeros(1, requires_grad=True)
+        optimiser = torch.optim.LBFGS([weight, bias], max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(30 * (x @ weight) + bias, y)
+                    + weight_decay * (weight ** 2).sum())
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        logits = 30 * (torch.tensor(held_cells) @ weight.detach()) + bias.detach()
+        probability = torch.sigmoid(logits).numpy().reshape(len(held), grid, grid)
+        for rel in (0.3, 0.5, 0.7):
+            scored = [box_scores(grown_box(p, rel), truth) for p, truth in zip(probability, held_boxes)]
+            iou = np.array([s[0] for s in scored])
+            hit = np.array([s[1] for s in scored])
+            row = {"weight_decay": weight_decay, "rel": rel, "box_iou": float(iou.mean()), "hit_rate": float(hit.mean()),
+                   "box_iou_per_class": {c: float(iou[held_classes == c].mean()) for c in sorted(set(held_classes))}}
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
