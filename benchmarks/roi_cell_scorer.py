@@ -5,8 +5,9 @@ A probe for issue 23 item 3 (box IoU 0.60 / hit rate 0.90 on held-out brain_tumo
 half of it lies inside the ground-truth box; a logistic regression on the L2-normalised cells is fitted on the tune
 part of `roi-fit`'s split of `brain-mri.json` (blocks of 20 file numbers, hold-out fraction 0.4, seed 0: 200 / 160
 slices) and scored on the held-out part. The proposal: the cells connected to the best cell whose probability is at
-least ``rel`` times the best one's; its box against the ground-truth box (box IoU; hit = at least half of the box
-covered), per weight decay and ``rel``. No LiteMedSAM decoding: the box itself is the proposal.
+least ``rel`` times the best one's; scored as `roi-eval` scores an ROI (box IoU of its bounding box; hit = the region
+covers at least half of the ground-truth box), per weight decay and ``rel``. No LiteMedSAM decoding: the box itself is
+the proposal.
 
     OMP_NUM_THREADS=2 python benchmarks/roi_cell_scorer.py --root ../shared/datasets/brain_tumor_boxes \\
         --out benchmarks/results/roi_cell_scorer.json
@@ -25,11 +26,7 @@ import torch
 from medfocus.pipeline.encoders.efficientnet import EfficientNetLiteEncoder
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.segmenters.policy_fit import holdout_split
-
-
-def yolo_box(path: Path) -> tuple[float, float, float, float]:
-    _, xc, yc, w, h = map(float, path.read_text().split()[:5])
-    return xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
+from medfocus.pipeline.segmenters.roi_eval import box_scores, read_yolo_boxes, union_box
 
 
 def cell_cover(box, grid: int) -> np.ndarray:
@@ -41,7 +38,8 @@ def cell_cover(box, grid: int) -> np.ndarray:
     return (fy[:, None] * fx[None, :]).ravel()
 
 
-def grown_box(probability: np.ndarray, rel: float) -> tuple[float, float, float, float]:
+def grown_region(probability: np.ndarray, rel: float) -> np.ndarray:
+    """The cells connected to the best cell whose probability is at least ``rel`` times the best one's."""
     grid = probability.shape[0]
     keep = probability >= rel * probability.max()
     region = np.zeros_like(keep)
@@ -51,16 +49,7 @@ def grown_box(probability: np.ndarray, rel: float) -> tuple[float, float, float,
         if 0 <= y < grid and 0 <= x < grid and keep[y, x] and not region[y, x]:
             region[y, x] = True
             stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
-    ys, xs = np.where(region)
-    return xs.min() / grid, ys.min() / grid, (xs.max() + 1) / grid, (ys.max() + 1) / grid
-
-
-def box_scores(box, truth) -> tuple[float, bool]:
-    inter = (max(0.0, min(box[2], truth[2]) - max(box[0], truth[0]))
-             * max(0.0, min(box[3], truth[3]) - max(box[1], truth[1])))
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    truth_area = (truth[2] - truth[0]) * (truth[3] - truth[1])
-    return inter / (area + truth_area - inter), inter / truth_area >= 0.5
+    return region
 
 
 def main() -> None:
@@ -83,7 +72,7 @@ def main() -> None:
         return tokens / np.linalg.norm(tokens, axis=2, keepdims=True)
 
     def boxes(part):
-        return [yolo_box(args.root / "boxes" / path.parent.name / f"{path.stem}.txt") for path, _ in part]
+        return [union_box(read_yolo_boxes(args.root / "boxes" / path.parent.name / f"{path.stem}.txt")) for path, _ in part]
 
     tune_cells, held_cells = cells(tune), cells(held)
     tune_boxes, held_boxes = boxes(tune), boxes(held)
@@ -108,9 +97,9 @@ def main() -> None:
         logits = 30 * (torch.tensor(held_cells) @ weight.detach()) + bias.detach()
         probability = torch.sigmoid(logits).numpy().reshape(len(held), grid, grid)
         for rel in (0.3, 0.5, 0.7):
-            scored = [box_scores(grown_box(p, rel), truth) for p, truth in zip(probability, held_boxes)]
-            iou = np.array([s[0] for s in scored])
-            hit = np.array([s[1] for s in scored])
+            scored = [box_scores(grown_region(p, rel), truth) for p, truth in zip(probability, held_boxes)]
+            iou = np.array([s["box_iou"] for s in scored])
+            hit = np.array([s["box_hit"] for s in scored])
             row = {"weight_decay": weight_decay, "rel": rel, "box_iou": float(iou.mean()), "hit_rate": float(hit.mean()),
                    "box_iou_per_class": {c: float(iou[held_classes == c].mean()) for c in sorted(set(held_classes))}}
             report["rows"].append(row)
