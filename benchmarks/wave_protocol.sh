@@ -14,6 +14,9 @@
 #   large5-<dataset>-<encoder>  50 / 100 %, 5 seeds, the fusion head (modes none, dual) and the linear probe
 #   dual5-<dataset>-<encoder>   50 / 100 %, 5 seeds, the gated dual view (medfocus_dual, mode dual)
 #   select-<dataset>-<encoder>  5 / 10 / 20 %, 5 seeds, medfocus_select (the ROI setting chosen on validation images)
+#   intensity-<dataset>-<none|stretch>  EfficientNet-Lite2 alone with features.intensity none or stretch: its stores, then
+#                               the linear probe, the fusion head (modes none, dual) and the gated dual view at 5 / 10 / 20 %,
+#                               the first two at 100 % (wave_intensity-… and wave_intensity100-…), 5 seeds
 # encoder: litemedsam | lite2 | bank (litemedsam+efficientnet_lite2). Each evaluate's metrics.json is copied to
 # benchmarks/results/wave_<step>.json with the commit that made it.
 set -euo pipefail
@@ -24,6 +27,7 @@ CACHE=$1; shift
 P=benchmarks/params/wave_protocol.yaml
 ZOOM=benchmarks/params/wave_protocol_zoom.yaml
 SHOTS=benchmarks/params/wave_protocol_shots.yaml
+STRETCH=benchmarks/params/wave_protocol_stretch.yaml
 COMMIT=$(git rev-parse --short HEAD)
 
 root_of() {
@@ -91,6 +95,14 @@ for step in "$@"; do
     select)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" --fraction 0.05 --fraction 0.1 --fraction 0.2 \
         --method medfocus_select ;;
+    intensity)
+      params=$P; [ "$encoder" = stretch ] && params=$STRETCH
+      echo "== $step features ($(date -u +%H:%M:%S))"
+      medfocus features -d "$dataset" --root "$(root_of "$dataset")" --params $params --cache-dir "$CACHE" -q --model efficientnet_lite2
+      evaluate "$step" "$dataset" $params --model efficientnet_lite2 --fraction 0.05 --fraction 0.1 --fraction 0.2 \
+        --method linear_probe --method medfocus --method medfocus_dual
+      evaluate "intensity100-$dataset-$encoder" "$dataset" $params --model efficientnet_lite2 --fraction 1.0 \
+        --method linear_probe --method medfocus ;;
     all)
       evaluate "$step" "$dataset" $P --model "$(model_of "$encoder")" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -17,7 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from medfocus.pipeline.segmenters.policies import BUILTIN_POLICY_NAMES, check_policy_reference
 from medfocus.pipeline.vocabulary import (
-    DUAL_ROI_VIEWS, EFFICIENTNET_LITE_MODELS, ENCODER_MODELS, SAM2_MODELS, SEGMENTER_BACKENDS, STEERING_MODES, spelled_out,
+    DUAL_ROI_VIEWS, EFFICIENTNET_LITE_MODELS, ENCODER_MODELS, INTENSITY_SETTINGS, SAM2_MODELS, SEGMENTER_BACKENDS,
+    STEERING_MODES, spelled_out,
 )
 from medfocus.trainer.config import METHODS, ROI_VIEW_METHODS, TrainConfig
 
@@ -184,6 +185,7 @@ class FeaturesParams(ParallelParams):
     blur_sigma: float = Field(default=0.03, gt=0.0, le=1.0, description="blur: Gaussian sigma outside the ROI, as a fraction of the image's shorter side.")
     crop_margin: float = Field(default=0.1, ge=0.0, le=2.0, description="crop (and dual with dual_roi_view crop): margin around the ROI box, as a fraction of the box's longer side.")
     dual_roi_view: Literal[DUAL_ROI_VIEWS] = Field(default="pooled", description="dual: the ROI view beside the whole image: 'pooled' (the encoder's tokens averaged over the ROI, no extra pass) or 'crop' (the ROI box encoded at full input size: one more encoder pass).")
+    intensity: Literal[INTENSITY_SETTINGS] = Field(default="none", description="What every encoder gets: 'none' (the image as it is) or 'stretch' (its grey levels between the 1st and 99th percentile of its non-background pixels mapped to 0-255, so that sources differing in brightness and contrast look alike; LiteMedSAM is then encoded here rather than copied from the mask store). Segmentation always sees the image as it is.")
     attention_strength: float = Field(default=2.0, ge=0.0, description="attention: logit bias of a patch fully outside the ROI is -strength.")
     attention_layers: str = Field(default="all", description="attention: 'all' or comma-separated block indices, e.g. '6,7,8,9,10,11' (negative count from the end).")
     dtype: Literal["float16", "float32"] = "float16"

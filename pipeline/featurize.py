@@ -44,6 +44,29 @@ def shared_encoder(build: dict) -> ImageEncoder:
     return per_thread_model("encoder:" + canonical_json(build), lambda: build_encoder(build))
 
 
+def encoder_input(image: np.ndarray, intensity: str) -> np.ndarray:
+    """The picture every encoder gets (``features.intensity``): ``none``, the image itself; ``stretch``, the image with
+    the grey levels between the 1st and 99th percentile of its foreground (pixels brighter than 10 % of the 99th
+    percentile: not the black frame around a scan) mapped linearly onto 0-255, the same map on every colour channel.
+
+    Why: sources differ in brightness and contrast (brain MRI: brain_tumor vs Br35H, benchmarks/README.md), which an
+    encoder trained on one source takes for content. A blank or flat image is returned unchanged.
+    """
+    if intensity == "none":
+        return image
+    if intensity != "stretch":
+        raise ValueError(f"unknown intensity setting {intensity!r}: none or stretch")
+    gray = image.astype(np.float32).mean(axis=2)
+    foreground = gray > 0.1 * np.percentile(gray, 99)
+    if not foreground.any():
+        return image
+    low, high = np.percentile(gray[foreground], [1, 99])
+    if high - low < 1:
+        return image
+    stretched = (image.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(stretched, 0, 255).round().astype(np.uint8)
+
+
 def steer(image: np.ndarray, roi: np.ndarray | None, labels: np.ndarray | None, mode: str, params: dict,
           encoder: ImageEncoder) -> tuple[np.ndarray, np.ndarray]:
     """The image the encoder sees under ``mode`` and the ROI weight of each of its patches."""
@@ -129,6 +152,7 @@ def image_features(encoder: ImageEncoder, image: np.ndarray, segmentation, mode:
     params = store_spec.content["steering"]
     if store_spec.from_mask_store_embedding:
         return from_mask_store(segmentation.embedding, mode), image
+    image = encoder_input(image, store_spec.content["intensity"])
     roi, labels = (segmentation.roi, segmentation.labels) if segmentation is not None else (None, None)
     seen, _ = steer(image, roi, labels, mode, params, encoder)
     return encode_batch(encoder, [image], [roi], [labels], mode, params)[0], seen

@@ -431,8 +431,9 @@ def resolve_features(settings, modes: list[str], segment: SegmentSpec | None, cl
     stores = {}
     for mode in modes:
         steering = mode_params(settings, mode)
+        # The mask store's embedding is of the image as it is: an intensity setting needs an encoder pass.
         reuse = (encoder.family == LITEMEDSAM and segment is not None and segment.has_embedding
-                 and mode in MODES_FROM_MASK_STORE_EMBEDDING and steering.get("roi_view", "pooled") == "pooled"
+                 and settings.intensity == "none" and mode in MODES_FROM_MASK_STORE_EMBEDDING and steering.get("roi_view", "pooled") == "pooled"
                  and segment.content["model"]["weights_sha256"] == encoder.identity["weights_sha256"]
                  and segment.content["model"]["embedding"]["token_grid"] == encoder.identity["token_grid"])
         uses_masks = reuse or mode not in MODES_WITHOUT_MASKS
@@ -440,7 +441,7 @@ def resolve_features(settings, modes: list[str], segment: SegmentSpec | None, cl
             raise ValueError(f"mode {mode!r} needs the segment stage's masks")
         mask_key = segment.key if uses_masks else None
         content = {"format": FEATURE_STORE_FORMAT, "encoder": encoder.identity, "mode": mode,
-                   "steering": steering, "mask_store": mask_key, "dtype": settings.dtype,
+                   "steering": steering, "intensity": settings.intensity, "mask_store": mask_key, "dtype": settings.dtype,
                    "embedding_source": "mask store" if reuse else "encoder", "code": code}
         stores[mode] = FeatureStoreSpec(mode, content, mask_key, reuse)
     text = {"class_names": list(class_names), "prompts": {name: list(prompts[name]) for name in class_names}} if encoder.has_text else None

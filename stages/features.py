@@ -32,7 +32,7 @@ from medfocus.pipeline.encoders import (
 from medfocus.pipeline.encoders.weights import HOW_TO_PROVIDE_WEIGHTS
 from medfocus.pipeline.external import external_content, external_work_items, load_externals
 from medfocus.pipeline.feature_bank import bank_identity, bank_weights_source
-from medfocus.pipeline.featurize import encode_batch, from_mask_store, shared_encoder
+from medfocus.pipeline.featurize import encode_batch, encoder_input, from_mask_store, shared_encoder
 from medfocus.pipeline.manifest import write_json
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.preparation import load_manifest_image, load_prepared
@@ -74,7 +74,7 @@ def _features_chunk(items: list[WorkItem], context: dict) -> list[Outcome]:
             batch_items, images, rois, labels = [], [], [], []
             for item in items[start : start + context["batch_size"]]:
                 try:
-                    image = load_manifest_image(item)
+                    image = encoder_input(load_manifest_image(item), context["intensity"])
                     roi, label = masks.read_masks(item.hash) if masks is not None else (None, None)
                 except Exception as error:  # this image fails; the batch goes on
                     outcomes.append(Outcome(item.hash, item.path, False, f"{type(error).__name__}: {error}"))
@@ -155,6 +155,7 @@ def _encoder_stores(dataset: DatasetSpec, params: Params, paths: DatasetPaths, p
             {"build": encoder.build, "weights_sha256": encoder.identity["weights_sha256"], "store_url": store.url,
              "mask_store_url": mask_store.url if mask_store else None, "mode": mode,
              "from_mask_store": store_spec.from_mask_store_embedding, "params": store_spec.content["steering"],
+             "intensity": store_spec.content["intensity"],
              "dtype": settings.dtype, "batch_size": settings.batch_size, "workers": settings.workers},
             scheduler=settings.scheduler,
             workers=settings.workers,

@@ -24,7 +24,7 @@ from medfocus.pipeline.cached_features import load_cached_features
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_feature_store, current_mask_store, resolve_features_for
 from medfocus.pipeline.datasets import DatasetSpec, class_file_key
-from medfocus.pipeline.featurize import encoder_view, shared_encoder, steer
+from medfocus.pipeline.featurize import encoder_input, encoder_view, shared_encoder, steer
 from medfocus.pipeline.gallery import pick_examples, write_gallery, write_near_duplicate_gallery
 from medfocus.pipeline.images import load_image
 from medfocus.pipeline.manifest import write_atomic, write_json
@@ -117,7 +117,7 @@ def write_attention_overlays(spec: DatasetSpec, prepared: PreparedDataset, param
             attention, panel = fusion_attention(model, one)[0, predicted], "fusion attention"
         else:
             attention, panel = roi_weights, f"no attention ({model.method} head): ROI share"
-        image = load_image(prepared.image_path(entry))
+        image = encoder_input(load_image(prepared.image_path(entry)), store_spec.content["intensity"])
         roi, labels = masks.read_masks(entry.hash) if masks is not None else (None, None)
         steered, _ = steer(image, roi, labels, settings.mode, steering, encoder)
         view = encoder_view(encoder, steered)

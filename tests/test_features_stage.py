@@ -193,3 +193,23 @@ def test_attention_mode_is_refused_for_an_encoder_without_global_attention(segme
     assert result.exit_code == 2
     assert "has none to bias" in result.stderr
     assert not (run["cache"] / DATASET / "features").exists()
+
+
+def test_intensity_stretch_maps_the_foreground_onto_the_full_range():
+    from medfocus.pipeline.featurize import encoder_input
+
+    # A dim, low-contrast scan (grey 60-100) inside a black frame, tinted: the frame stays black, the scan fills 0-255.
+    scan = np.zeros((64, 64, 3), dtype=np.uint8)
+    ramp = np.linspace(60, 100, 48)[None, :].repeat(48, axis=0)
+    scan[8:56, 8:56] = np.stack([ramp, ramp, ramp + 4], axis=2).round().astype(np.uint8)
+    stretched = encoder_input(scan, "stretch")
+    assert stretched.dtype == np.uint8 and stretched.shape == scan.shape
+    assert (stretched[:8] == 0).all() and (stretched[:, :8] == 0).all()
+    inner = stretched[8:56, 8:56].astype(int)
+    assert inner[..., 0].min() <= 3 and inner[..., 0].max() >= 245
+    assert (inner[..., 2] >= inner[..., 0]).all() and inner[..., 2].mean() > inner[..., 0].mean() + 10  # one map for all channels
+    assert encoder_input(scan, "none") is scan
+    flat = np.full((16, 16, 3), 80, dtype=np.uint8)
+    assert (encoder_input(flat, "stretch") == flat).all() and (encoder_input(np.zeros_like(flat), "stretch") == 0).all()
+    with pytest.raises(ValueError, match="unknown intensity setting 'equalise'"):
+        encoder_input(scan, "equalise")

@@ -447,6 +447,40 @@ def test_litemedsam_features_come_from_the_mask_store_without_an_encoder(images,
     assert np.abs(stored["roi_global"] - stored["global"]).max() > 1e-3  # the ROI view is not the whole image
 
 
+def test_intensity_stretch_gets_its_own_feature_stores_and_encodes_the_stretched_image(images, tmp_path):
+    from medfocus.pipeline.encoders import LiteMedSamEncoder
+    from medfocus.pipeline import featurize
+
+    runs = {}
+    for intensity in ("none", "stretch"):
+        params = params_file(tmp_path / intensity, images, segment={"scheduler": "synchronous", "policy": "centre-box"},
+                             features={"model": "litemedsam", "modes": ["none", "dual"], "scheduler": "synchronous",
+                                       "dtype": "float32", "intensity": intensity})
+        segment = stage_json(medfocus(*command("segment", params, tmp_path / "cache", "-q")))
+        encoded = stage_json(medfocus(*command("features", params, tmp_path / "cache", "-q")))
+        assert encoded["failed_count"] == 0
+        summary = json.loads((tmp_path / "cache" / DATASET / "features.json").read_text())
+        runs[intensity] = {"segment": segment, "stores": encoded["stores"], "modes": summary["modes"]}
+    # One mask store (segmentation sees the image as it is), other feature stores, encoded rather than copied.
+    assert runs["stretch"]["segment"]["store"] == runs["none"]["segment"]["store"]
+    assert runs["stretch"]["segment"]["processed"] == 0
+    for mode in ("none", "dual"):
+        assert runs["stretch"]["modes"][mode]["store_key"] != runs["none"]["modes"][mode]["store_key"]
+        assert runs["stretch"]["modes"][mode]["embedding_source"] == "encoder"
+        assert runs["none"]["modes"][mode]["embedding_source"] == "mask store"
+
+    image_path = sorted((images / "cyst").glob("*.png"))[0]
+    digest, image = file_sha256(image_path), load_image(image_path)
+    roi, labels = MaskStore(runs["none"]["segment"]["store"], read_only=True).read_masks(digest)
+    expected = featurize.encode_batch(LiteMedSamEncoder("auto"), [featurize.encoder_input(image, "stretch")], [roi], [labels],
+                                      "dual", {})[0]
+    stored, _ = FeatureStore(runs["stretch"]["stores"]["dual"], read_only=True).read_image(digest)
+    plain, _ = FeatureStore(runs["none"]["stores"]["dual"], read_only=True).read_image(digest)
+    for name in expected:
+        np.testing.assert_allclose(stored[name], expected[name], atol=RUNTIME_TOLERANCE, err_msg=name)
+    assert np.abs(stored["global"] - plain["global"]).max() > 1e-3  # the stretch changed what the encoder saw
+
+
 def test_onnx_runtime_equals_pytorch(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFOCUS_MODEL_CACHE", str(tmp_path))
     net, digest = load_litemedsam("none")
