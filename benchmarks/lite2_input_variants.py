@@ -34,16 +34,47 @@ import torch
 from medfocus.pipeline.encoders.efficientnet import EfficientNetLiteEncoder
 from medfocus.pipeline.images import load_image
 
-VARIANTS = {"260": (260, False), "384": (384, False), "260-head": (260, True)}
+VARIANTS = {"260": (260, None), "384": (384, None), "260-head": (260, "head"), "260-equalize": (260, "equalize"),
+            "260-stretch": (260, "stretch")}
 FRACTIONS = ("0.05", "0.1", "0.2", "1")
+
+
+def head_pixels(gray: np.ndarray) -> np.ndarray:
+    """The pixels brighter than 10 % of the 99th percentile: the head, not the air around it."""
+    return gray > 0.1 * np.percentile(gray, 99)
 
 
 def head_crop(image: np.ndarray) -> np.ndarray:
     gray = image.mean(2) if image.ndim == 3 else image
-    ys, xs = np.where(gray > 0.1 * np.percentile(gray, 99))
+    ys, xs = np.where(head_pixels(gray))
     if len(ys) < 100:
         return image
     return image[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation over the head's pixels (the air stays black): every source gets the same grey levels."""
+    gray = image.mean(2) if image.ndim == 3 else image.astype(np.float64)
+    head = head_pixels(gray)
+    if head.sum() < 100:
+        return image
+    levels = np.sort(gray[head])
+    out = np.where(head, np.searchsorted(levels, gray, side="right") / len(levels) * 255, 0)
+    return np.repeat(out[..., None], 3, 2).astype(np.uint8)
+
+
+def stretch(image: np.ndarray) -> np.ndarray:
+    """The head's 1st-99th percentile of grey stretched to 0-255: contrast and brightness made alike across sources."""
+    gray = image.mean(2) if image.ndim == 3 else image.astype(np.float64)
+    head = head_pixels(gray)
+    if head.sum() < 100:
+        return image
+    low, high = np.percentile(gray[head], [1, 99])
+    out = np.clip((gray - low) / max(high - low, 1e-6), 0, 1) * 255
+    return np.repeat(out[..., None], 3, 2).astype(np.uint8)
+
+
+TRANSFORMS = {None: lambda image: image, "head": head_crop, "equalize": equalize, "stretch": stretch}
 
 
 def embed(variant: str, files: list[tuple[str, Path]], cache: Path) -> dict[str, np.ndarray]:
@@ -51,13 +82,13 @@ def embed(variant: str, files: list[tuple[str, Path]], cache: Path) -> dict[str,
     target = cache / f"lite2_{variant}.npz"
     if target.exists():
         return dict(np.load(target))
-    size, crop = VARIANTS[variant]
+    size, transform = VARIANTS[variant]
     encoder = EfficientNetLiteEncoder("efficientnet_lite2")
     encoder.image_size = size  # the network is fully convolutional: a larger input gives a larger last feature map
     plain, flipped, start = [], [], time.time()
     for begin in range(0, len(files), 32):
         images = [load_image(path) for _, path in files[begin:begin + 32]]
-        batch = torch.stack([encoder.preprocess(head_crop(image) if crop else image) for image in images])
+        batch = torch.stack([encoder.preprocess(TRANSFORMS[transform](image)) for image in images])
         plain.append(encoder.encode_images(batch)[0].float().numpy())
         flipped.append(encoder.encode_images(batch.flip(-1))[0].float().numpy())
     result = {"hashes": np.array([digest for digest, _ in files]), "plain": np.concatenate(plain),

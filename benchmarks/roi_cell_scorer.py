@@ -1,7 +1,9 @@
-"""Could a learned scorer on EfficientNet-Lite2's feature-map cells find the brain tumour better than `brain-mri`?
+"""Could a learned scorer on an encoder's feature-map cells find the brain tumour better than `brain-mri`?
 
 A probe for issue 23 item 3 (box IoU 0.60 / hit rate 0.90 on held-out brain_tumor_boxes slices; `brain-mri` reaches
-0.379 / 0.49). Each slice's last feature map (9x9 cells at 260²) is taken from Lite2; a cell is "tumour" when at least
+0.379 / 0.49). Each slice's feature map is taken from ``--encoder``: Lite2's last one (9x9 cells at 260²) or
+LiteMedSAM's image embedding (64x64 cells at 256², the map the segmenter decodes its masks from, so at segment time
+it costs nothing more); a cell is "tumour" when at least
 half of it lies inside the ground-truth box; a logistic regression on the L2-normalised cells is fitted on the tune
 part of `roi-fit`'s split of `brain-mri.json` (blocks of 20 file numbers, hold-out fraction 0.4, seed 0: 200 / 160
 slices) and scored on the held-out part. The proposal: the cells connected to the best cell whose probability is at
@@ -11,6 +13,8 @@ the proposal.
 
     OMP_NUM_THREADS=2 python benchmarks/roi_cell_scorer.py --root ../shared/datasets/brain_tumor_boxes \\
         --out benchmarks/results/roi_cell_scorer.json
+    OMP_NUM_THREADS=2 python benchmarks/roi_cell_scorer.py --root ../shared/datasets/brain_tumor_boxes \\
+        --encoder litemedsam --out benchmarks/results/roi_cell_scorer_litemedsam.json
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from medfocus.pipeline.encoders.efficientnet import EfficientNetLiteEncoder
 from medfocus.pipeline.images import load_image
+from medfocus.pipeline.segmenters.litemedsam import LiteMedSAMSegmenter
 from medfocus.pipeline.segmenters.policy_fit import holdout_split
 from medfocus.pipeline.segmenters.roi_eval import box_scores, read_yolo_boxes, union_box
 
@@ -55,6 +60,7 @@ def grown_region(probability: np.ndarray, rel: float) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="brain_tumor_boxes (images/, boxes/)")
+    parser.add_argument("--encoder", choices=("lite2", "litemedsam"), default="lite2")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -62,13 +68,17 @@ def main() -> None:
     images = args.root / "images"
     items = [(path, path.parent.name) for path in sorted(images.glob("*/*.jpg"))]
     tune, held, _ = holdout_split(items, images, group_by="number:20", holdout_fraction=0.4, seed=0)
-    encoder = EfficientNetLiteEncoder("efficientnet_lite2")
-    grid = encoder.grid[0]
+    if args.encoder == "lite2":
+        encoder = EfficientNetLiteEncoder("efficientnet_lite2")
+        grid = encoder.grid[0]
+        encode = lambda image: encoder.encode_images(encoder.preprocess(image)[None])[1][0]  # noqa: E731
+    else:  # the slices are square: the 64x64 embedding covers the whole image, no padding
+        segmenter = LiteMedSAMSegmenter(policy="whole-image")
+        grid = 64
+        encode = lambda image: segmenter.embed(image).embedding[0].flatten(1).T  # noqa: E731
 
     def cells(part):
-        tokens = [encoder.encode_images(encoder.preprocess(load_image(path))[None])[1][0].float().numpy()
-                  for path, _ in part]
-        tokens = np.stack(tokens)
+        tokens = np.stack([encode(load_image(path)).float().numpy() for path, _ in part])
         return tokens / np.linalg.norm(tokens, axis=2, keepdims=True)
 
     def boxes(part):
@@ -80,7 +90,7 @@ def main() -> None:
     y = torch.tensor(np.concatenate([cell_cover(box, grid) >= 0.5 for box in tune_boxes]).astype(np.float32))
     held_classes = np.array([label for _, label in held])
     report = {"command": "python benchmarks/roi_cell_scorer.py " + " ".join(os.sys.argv[1:]),
-              "tune": len(tune), "held_out": len(held), "grid": grid, "rows": []}
+              "encoder": args.encoder, "tune": len(tune), "held_out": len(held), "grid": grid, "rows": []}
     for weight_decay in (1e-4, 1e-3, 1e-2):
         weight = torch.zeros(x.shape[1], requires_grad=True)
         bias = torch.zeros(1, requires_grad=True)
