@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     work = []
     for image in images:
         gray = grayscale_work_image(image)
-        work.append((segmenter.embed(image), proposals(policy, gray)))
+        embedded = segmenter.embed(image)
+        work.append((embedded, proposals(policy, gray, embedded)))
     prompts_per_image = [len(prompts) for _, prompts in work]
 
     seconds: dict[int, list[float]] = {batch: [] for batch in args.batches}

@@ -54,7 +54,7 @@ LITEMEDSAM_TOKEN_GRID = 16
 # Source files (relative to the medfocus namespace's folders) whose code decides each stage's content.
 SEGMENT_CODE = (
     "pipeline/images.py", "pipeline/medsam_lite.py", "pipeline/patch_grid.py", "pipeline/segmenters/base.py",
-    "pipeline/segmenters/factory.py", "pipeline/segmenters/litemedsam.py", "pipeline/segmenters/policies.py",
+    "pipeline/segmenters/embedding_map.py", "pipeline/segmenters/factory.py", "pipeline/segmenters/litemedsam.py", "pipeline/segmenters/policies.py",
     "pipeline/segmenters/sam2_segmenter.py", "pipeline/segmenters/selection.py", "stages/segment.py",
 )
 FEATURES_CODE = (

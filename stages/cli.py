@@ -531,7 +531,9 @@ def roi_fit(
                          "holdout_from": holdout_from, "seed": split_seed}
         reference = default_policy_for(spec.name) if params.segment.policy == "auto" else params.segment.policy
         build = dict(resolve_segment(params.segment, spec.name).build_options)
-        start = build["policy"] = get_policy(reference)
+        # The pools decode the start policy's proposals, not the segmenter's own policy (an unfitted embedding map
+        # could not segment): the segmenter gets the plainest one.
+        start, build["policy"] = get_policy(reference), "whole-image"
         prepared = load_prepared(spec, params, paths, progress=not quiet)
         command = " ".join(["medfocus roi-fit --dataset", spec.name, "--root", str(prepared.root),
                             f"--masks {masks}" if masks else "", f"--boxes {boxes}" if boxes else "",

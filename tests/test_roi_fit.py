@@ -301,9 +301,9 @@ OLD_LITERALS = {
 
 
 def test_builtin_policies_are_shipped_files_with_the_old_content():
-    # The policies that were Python literals, plus those fitted since as files (brain-mri).
+    # The policies that were Python literals, plus those fitted since as files (brain-mri, brain-mri-map).
     assert sorted(POLICIES) == sorted(p.stem for p in BUILTIN_POLICY_DIR.glob("*.json"))
-    assert set(OLD_LITERALS) | {"brain-mri"} == set(POLICIES)
+    assert set(OLD_LITERALS) | {"brain-mri", "brain-mri-map"} == set(POLICIES)
     for name, old in OLD_LITERALS.items():
         assert POLICIES[name].describe() == old.describe(), name
         assert get_policy(name) is POLICIES[name]
@@ -454,9 +454,72 @@ def test_blobs_inside_the_foreground_skip_the_skull():
 def test_the_brain_mri_policy_is_the_brain_tumor_default_and_records_its_fit():
     from medfocus.pipeline.segmenters.policies import default_policy_for, get_policy, read_policy_file
 
-    assert default_policy_for("brain_tumor") == "brain-mri"
+    assert default_policy_for("brain_tumor") == "brain-mri-map"
+    mapped = get_policy("brain-mri-map")
+    assert mapped.has_map and len(mapped.map_weights) == 256 and mapped.weights["from_map"] > 0
+    assert mapped.blob_polarity == "bright" and mapped.map_thresholds == (0.3, 0.5)
     policy = get_policy("brain-mri")
     assert policy.blob_polarity == "bright" and policy.blob_foreground_erosion == 0.07
     shipped = read_policy_file(Path(__file__).resolve().parents[1] / "pipeline" / "segmenters" / "builtin_policies" / "brain-mri.json")
     assert shipped.fitted.dataset == "brain_tumor_boxes" and shipped.held_out.n == 160
     assert shipped.held_out.box_iou > 5 * shipped.held_out.whole_image_box_iou
+
+
+MAP_START_POLICY = {
+    "format": "medfocus-roi-policy", "version": 1, "name": "map-start", "summary": "whole image and an embedding map",
+    "proposals": [{"kind": "whole-image"}, {"kind": "embedding-map", "thresholds": [0.3, 0.5]}],
+    "decoding": {"mask_outputs": "single"}, "selection": {"weights": {"iou": 1.0}},
+}
+
+
+def test_roi_fit_fits_an_embedding_map_on_litemedsam_and_segment_runs_it(tmp_path, params_path):
+    """The real LiteMedSAM: roi-fit fits a scorer over its embedding cells that finds the disks; the fitted file
+    segments, and a segmenter that cannot run the map (unfitted, other weights, the SAM2 backend) is refused."""
+    from medfocus.pipeline.segmenters.litemedsam import LiteMedSAMSegmenter
+    from medfocus.pipeline.segmenters.sam2_segmenter import Sam2Segmenter
+
+    data = tmp_path / "data"
+    make_dataset(data, per_class=8)
+    start = tmp_path / "map-start.json"
+    start.write_text(json.dumps(MAP_START_POLICY))
+    with pytest.raises(ValueError, match="never fitted"):
+        LiteMedSAMSegmenter(policy=str(start))
+    output = tmp_path / "map-fitted.json"
+    invoke("roi-fit", "--dataset", "blobs", "--root", str(data / "images"), "--boxes", str(data / "boxes"),
+           "--start-from", str(start), "--group-by", "number:2", "--holdout-fraction", "0.5", "--params", str(params_path),
+           "--cache-dir", str(tmp_path / "cache"), "-o", str(output), "-q")
+    fitted = read_policy_file(output)
+    segmenter = LiteMedSAMSegmenter(policy="whole-image")
+    scorer = fitted.proposals[1]
+    assert scorer.kind == "embedding-map" and len(scorer.weights) == 256 and scorer.segmenter_sha256 == segmenter.checkpoint
+    assert "embedding map and score weights fitted" in fitted.summary
+    held = fitted.held_out
+    assert held.box_iou > held.whole_image_box_iou + 0.4 and held.hit_rate >= 0.75, held
+
+    # The map alone finds the disk: its first box covers most of each held-out disk's box.
+    policy = get_policy(str(output))
+    image = np.asarray(Image.open(data / "images" / "alpha" / "0.png").convert("RGB"))
+    source, box, features = selection.proposals(policy, selection.grayscale_work_image(image), segmenter.embed(image))[1]
+    truth = [float(v) for v in (data / "boxes" / "alpha" / "0.txt").read_text().split()[1:]]
+    truth_box = (truth[0] - truth[2] / 2, truth[1] - truth[3] / 2, truth[0] + truth[2] / 2, truth[1] + truth[3] / 2)
+    from medfocus.pipeline.segmenters.roi_eval import box_iou
+
+    assert source.startswith("embedding map") and features == {"from_map": 1.0} and box_iou(box, truth_box) > 0.4
+
+    result = invoke("segment", "--dataset", "blobs", "--root", str(data / "images"), "--policy", str(output), "--params",
+                    str(params_path), "--cache-dir", str(tmp_path / "cache"), "-q")
+    assert json.loads(result.stdout)["processed"] == 16
+    summary = json.loads((tmp_path / "cache" / "blobs" / "segment.json").read_text())
+    assert summary["spec"]["policy"]["map_weights"] == scorer.weights
+
+    raw = json.loads(output.read_text())
+    raw["proposals"][1]["segmenter_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="refit it with medfocus roi-fit"):
+        LiteMedSAMSegmenter(policy=str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="use segment.backend litemedsam"):
+        Sam2Segmenter(policy=str(output))
+    del raw["proposals"][1]["bias"]
+    (tmp_path / "partial.json").write_text(json.dumps(raw))
+    with pytest.raises(PolicyFileError, match="come together"):
+        read_policy_file(tmp_path / "partial.json")

@@ -26,6 +26,7 @@ from medfocus.pipeline.medsam_lite import (
 from medfocus.pipeline.medsam_lite_identity import PREPROCESS_DESCRIPTION, WeightsUnavailableError
 from medfocus.pipeline.segmenters import selection
 from medfocus.pipeline.segmenters.base import WORK_SIZE, SegmentationResult, check_image, resize_logits
+from medfocus.pipeline.segmenters.embedding_map import check_map_segmenter
 from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy
 from medfocus.pipeline.segmenters.selection import grayscale_work_image
 
@@ -82,6 +83,7 @@ class LiteMedSAMSegmenter:
         self.net, self.checkpoint = load_litemedsam("bundled" if pretrained else "none", device)
         self.encoder = EncoderRuntime(self.net.image_encoder, self.checkpoint, device=device, runtime=runtime)
         self.decoder = BoxDecoderRuntime(self.net, self.checkpoint, device=device, runtime=runtime)
+        check_map_segmenter(self.policy, self.backend, self.checkpoint)
 
     def describe(self) -> dict:
         return {

@@ -10,15 +10,18 @@ A fitted policy keeps the proposals, decoding, refinement and area range of the 
    dataset root (``"regex:PATTERN"``: its first group, else the whole match). Each group is held out when a draw from
    sha256(seed, group) falls below ``holdout_fraction``, so adding images never moves others. ``holdout_from=N``
    instead holds out every image whose file number is >= N (the demo's rule: tune on 0-19, hold out 20-39).
-2. Candidates (:func:`collect_pools`): the start policy's proposals are decoded on every image with a lesion, each
+2. The embedding map (:func:`fit_embedding_map`), when the start policy has one without weights: a logistic regression
+   on the tune images' LiteMedSAM embedding cells, lesion or not (:mod:`.embedding_map`); the start policy then has
+   the fitted map, and its masks are among the candidates below.
+3. Candidates (:func:`collect_pools`): the start policy's proposals are decoded on every image with a lesion, each
    first-round mask and the refinement of each is measured against the ground truth: Dice against the mask where masks
    are given (the fitting target then), box IoU of its bounding box against the ground-truth box (the target with boxes
    only) and whether it covers half of that box. Images without a lesion are counted and left out.
-3. Weights (:func:`fit_weights`): the linear weights over ``FEATURE_NAMES`` maximising the mean softmax-weighted target
+4. Weights (:func:`fit_weights`): the linear weights over ``FEATURE_NAMES`` maximising the mean softmax-weighted target
    of the chosen mask per tune image (a listwise ranking objective: temperature 0.1, L2 1e-3, 400 Adam steps, features
    standardised while fitting and folded back into raw-feature weights); :func:`cross_validate` gives the k-fold
    estimate on the tune part.
-4. Held-out scores, once: the fitted policy's choice is simulated on the held-out images' candidates (the steps of
+5. Held-out scores, once: the fitted policy's choice is simulated on the held-out images' candidates (the steps of
    :func:`selection.select`, one refinement round at most), next to the start policy's and the whole-image box's.
 
 Ground truth is used here only; a policy at run time sees features, never masks or boxes.
@@ -41,7 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.pipeline.images import load_image
+from medfocus.pipeline.medsam_lite import INPUT_SIZE
 from medfocus.pipeline.segmenters import selection
+from medfocus.pipeline.segmenters.embedding_map import cell_targets, fit_scorer, image_cells
 from medfocus.pipeline.segmenters.base import WORK_SIZE, Candidate
 from medfocus.pipeline.segmenters.policies import (
     FEATURE_NAMES,
@@ -128,7 +133,7 @@ def collect_pools(
             continue
         gray = grayscale_work_image(image)
         decoder = segmenter.embed(image)
-        first = selection.decode(policy, decoder, selection.proposals(policy, gray))
+        first = selection.decode(policy, decoder, selection.proposals(policy, gray, decoder))
         refined, refined_parents = [], []
         if refine:
             boxes: dict[tuple[float, ...], list[int]] = {}
@@ -159,6 +164,40 @@ def collect_pools(
             )
         )
     return pools
+
+
+def fit_embedding_map(segmenter, policy: RoiPolicy, items: list[tuple[Path, str]], images_root: Path, truth: GroundTruth,
+                      progress: bool = False) -> RoiPolicy:
+    """``policy`` with its embedding map's scorer fitted on the images of ``items`` that have a lesion (step 2)."""
+    description = segmenter.describe()
+    if description.get("backend") != "litemedsam":
+        raise RoiInputError(f"policy {policy.name!r} has an embedding map, which reads LiteMedSAM's image embedding; "
+                            f"roi-fit runs the {description.get('backend')} backend: use --backend litemedsam")
+    iterator = items
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(items, desc="embedding map", unit="img")
+    cells, targets = [], []
+    for image_path, _ in iterator:
+        image = load_image(image_path)
+        mask_path = truth.mask_path(Path(image_path), Path(images_root))
+        mask = load_truth_mask(mask_path, WORK_SIZE) if mask_path is not None else None
+        truth_box, _ = truth.truth_box(Path(image_path), Path(images_root), image.shape[:2], mask)
+        if truth_box is None:
+            continue
+        embedded = segmenter.embed(image)
+        grid = image_cells(embedded.embedding, embedded.resized_hw, INPUT_SIZE)
+        cells.append(grid)
+        targets.append(cell_targets(truth_box, grid.shape[0], grid.shape[1]))
+    if len(cells) < 2:
+        raise RoiInputError(f"the tune part has {len(cells)} image(s) with a lesion; the embedding map needs at least 2")
+    try:
+        weights, bias = fit_scorer(cells, targets)
+    except ValueError as error:
+        raise RoiInputError(str(error)) from None
+    return dataclasses.replace(policy, map_weights=tuple(weights), map_bias=bias,
+                               map_segmenter_sha256=str(description["checkpoint_sha256"]))
 
 
 def _feature_matrix(features: list[dict], names: tuple[str, ...]) -> np.ndarray:
@@ -366,6 +405,9 @@ def fit_policy(segmenter, start: RoiPolicy, items: list[tuple[Path, str]], image
     tune_items, held_items, split = holdout_split(items, images_root, **split_options)
     tune_empty: list = []
     held_empty: list = []
+    map_fitted = start.has_map and not start.map_weights
+    if map_fitted:
+        start = fit_embedding_map(segmenter, start, tune_items, images_root, truth, progress=progress)
     tune = collect_pools(segmenter, start, tune_items, images_root, truth, refine=start.refine_steps > 0,
                          progress=progress, no_lesion=tune_empty)
     if len(tune) < 2:
@@ -381,8 +423,8 @@ def fit_policy(segmenter, start: RoiPolicy, items: list[tuple[Path, str]], image
     objective = "dice" if truth.masks_root is not None else "box_iou"
     fitted = dataclasses.replace(
         start, name=name, weights=weights,
-        summary=f"{start.summary}; score weights fitted by medfocus roi-fit on {dataset} "
-                f"({len(tune)} tune images with a lesion, {truth.kind})")
+        summary=f"{start.summary}; {'embedding map and ' if map_fitted else ''}score weights fitted by medfocus roi-fit "
+                f"on {dataset} ({len(tune)} tune images with a lesion, {truth.kind})")
     chosen = [simulated_metrics(pool, fitted) for pool in held]
     before = [simulated_metrics(pool, start) for pool in held]
     held_out = HeldOutScores(

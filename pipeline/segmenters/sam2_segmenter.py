@@ -35,6 +35,7 @@ from medfocus.pipeline.segmenters.base import (
     resize_logits,
 )
 from medfocus.pipeline.segmenters import selection
+from medfocus.pipeline.segmenters.embedding_map import check_map_segmenter
 from medfocus.pipeline.segmenters.policies import RoiPolicy, get_policy
 from medfocus.pipeline.segmenters.selection import grayscale_work_image
 
@@ -165,6 +166,7 @@ class Sam2Segmenter:
         if not pretrained and not allow_random_init:
             raise ValueError("sam2 with pretrained=False needs allow_random_init=True (random-init is for tests)")
         self.policy = get_policy(policy)  # a name, a policy file, or a policy description (the spec's)
+        check_map_segmenter(self.policy, self.backend, "")
         self.store_resolution = int(store_resolution)
         self.device = device
         self.model_size = model_size

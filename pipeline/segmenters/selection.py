@@ -3,9 +3,11 @@
 A policy never sees ground truth. It works on one encoded image through a decoder that turns box prompts
 (xyxy fractions of width/height) into mask logits and predicted IoUs, plus the grayscale image itself:
 
-1. Proposals. Boxes from up to four sources: the whole image, a central box, a grid of boxes at several
-   scales, and *blob boxes* from a cheap image cue (a difference of Gaussians picks regions darker, or
-   brighter, than their surroundings at the policy's scales; hypoechoic lesions in ultrasound are dark blobs).
+1. Proposals. Boxes from up to five sources: the whole image, a central box, a grid of boxes at several
+   scales, *blob boxes* from a cheap image cue (a difference of Gaussians picks regions darker, or
+   brighter, than their surroundings at the policy's scales; hypoechoic lesions in ultrasound are dark blobs),
+   and *embedding-map boxes*: where a fitted scorer over the segmenter's own image embedding puts the lesion
+   (:mod:`.embedding_map`).
 2. Decoding. Every proposal is decoded (one or three masks per box); near-duplicate masks (IoU >= 0.9) are
    merged, the merged count kept as ``votes``.
 3. Scoring. Each mask gets features with no ground truth in them: the decoder's predicted IoU, stability
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from medfocus.pipeline.segmenters.base import WORK_SIZE, Candidate, SegmentationResult, assemble_result, stability_scores
+from medfocus.pipeline.segmenters.embedding_map import map_boxes
 from medfocus.pipeline.segmenters.policies import BLOB_SCALES, BLOB_SURROUND, MASK_OUTPUTS, RoiPolicy
 
 FEATURE_SIZE = 64  # masks are compared and measured at 64² (enough for areas down to ~0.1%)
@@ -207,7 +210,7 @@ def mask_features(candidates: list[Candidate], gray: np.ndarray) -> list[dict[st
     features = []
     for index, candidate in enumerate(candidates):
         mask = masks[index]
-        prompt = {name: float(candidate.features.get(name, 0.0)) for name in ("seed_rank", "whole", "refined")}
+        prompt = {name: float(candidate.features.get(name, 0.0)) for name in ("seed_rank", "whole", "refined", "from_map")}
         area = float(mask.float().mean())
         if area == 0:
             features.append({**prompt, "iou": candidate.score, "stability": candidate.stability, "area": 0.0})
@@ -270,8 +273,8 @@ def merge_duplicates(ranked: list[Candidate]) -> list[Candidate]:
     return [ranked[index] for index in kept]
 
 
-def proposals(policy: RoiPolicy, gray: np.ndarray) -> list[tuple[str, list[float], dict]]:
-    """(source, box, prompt features) of every first-round prompt."""
+def proposals(policy: RoiPolicy, gray: np.ndarray, decoder: BoxDecoder) -> list[tuple[str, list[float], dict]]:
+    """(source, box, prompt features) of every first-round prompt (the embedding map's read ``decoder``'s embedding)."""
     boxes: list[tuple[str, list[float], dict]] = []
     if policy.whole_box:
         boxes.append(("whole image", [0.0, 0.0, 1.0, 1.0], {"whole": 1.0}))
@@ -287,6 +290,8 @@ def proposals(policy: RoiPolicy, gray: np.ndarray) -> list[tuple[str, list[float
             for half in half_sides:
                 source = f"{policy.blob_polarity} blob #{rank} ({blob.cx:.2f}, {blob.cy:.2f}) half-side {half:.3f}"
                 boxes.append((source, blob.box(half), {"seed_rank": float(rank)}))
+    if policy.has_map:
+        boxes.extend(map_boxes(policy, decoder))
     return boxes
 
 
@@ -334,7 +339,7 @@ def choose(policy: RoiPolicy, candidates: list[Candidate], gray: np.ndarray) -> 
 
 
 def select(policy: RoiPolicy, gray: np.ndarray, decoder: BoxDecoder) -> tuple[list[Candidate], int | None]:
-    candidates = decode(policy, decoder, proposals(policy, gray))
+    candidates = decode(policy, decoder, proposals(policy, gray, decoder))
     ranked, roi_index = choose(policy, candidates, gray)
     for step in range(1, policy.refine_steps + 1):
         if roi_index is None:
