@@ -2,14 +2,15 @@
 
 A probe for issue 23 item 3 (box IoU 0.60 / hit rate 0.90 on held-out brain_tumor_boxes slices; `brain-mri` reaches
 0.379 / 0.49). Each slice's feature map is taken from ``--encoder``: Lite2's last one (9x9 cells at 260²) or
-LiteMedSAM's image embedding (64x64 cells at 256², the map the segmenter decodes its masks from, so at segment time
-it costs nothing more); a cell is "tumour" when at least
-half of it lies inside the ground-truth box; a logistic regression on the L2-normalised cells is fitted on the tune
-part of `roi-fit`'s split of `brain-mri.json` (blocks of 20 file numbers, hold-out fraction 0.4, seed 0: 200 / 160
-slices) and scored on the held-out part. The proposal: the cells connected to the best cell whose probability is at
-least ``rel`` times the best one's; scored as `roi-eval` scores an ROI (box IoU of its bounding box; hit = the region
-covers at least half of the ground-truth box), per weight decay and ``rel``. No LiteMedSAM decoding: the box itself is
-the proposal.
+LiteMedSAM's image embedding (64x64 cells at 256², the map the segmenter decodes its masks from, so at segment time it
+costs nothing more); a cell is "tumour" when at least half of it lies inside the ground-truth box; a logistic
+regression on the L2-normalised cells is fitted on the tune part of `roi-fit`'s split of `brain-mri.json` (blocks of
+20 file numbers, hold-out fraction 0.4, seed 0: 200 / 160 slices) and scored on the held-out part. The proposal: the
+cells connected to the best cell whose probability is at least ``rel`` times the best one's; scored as `roi-eval`
+scores an ROI (box IoU of its bounding box; hit = the region covers at least half of the ground-truth box), per weight
+decay and ``rel``. No LiteMedSAM decoding: the box itself is the proposal. The cell labels and the region growth are
+the product's (``pipeline/segmenters/embedding_map.py``, which this probe led to; the probe's own copies, used for the
+results files, gave the same arrays on 200 random maps and boxes).
 
     OMP_NUM_THREADS=2 python benchmarks/roi_cell_scorer.py --root ../shared/datasets/brain_tumor_boxes \\
         --out benchmarks/results/roi_cell_scorer.json
@@ -29,32 +30,10 @@ import torch
 
 from medfocus.pipeline.encoders.efficientnet import EfficientNetLiteEncoder
 from medfocus.pipeline.images import load_image
+from medfocus.pipeline.segmenters.embedding_map import cell_targets, grown_region
 from medfocus.pipeline.segmenters.litemedsam import LiteMedSAMSegmenter
 from medfocus.pipeline.segmenters.policy_fit import holdout_split
 from medfocus.pipeline.segmenters.roi_eval import box_scores, read_yolo_boxes, union_box
-
-
-def cell_cover(box, grid: int) -> np.ndarray:
-    """Share of each cell (row-major) inside the box; the slices are square, so the letterbox is a plain resize."""
-    edges = np.linspace(0, 1, grid + 1)
-    x0, y0, x1, y1 = box
-    fx = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None) * grid
-    fy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None) * grid
-    return (fy[:, None] * fx[None, :]).ravel()
-
-
-def grown_region(probability: np.ndarray, rel: float) -> np.ndarray:
-    """The cells connected to the best cell whose probability is at least ``rel`` times the best one's."""
-    grid = probability.shape[0]
-    keep = probability >= rel * probability.max()
-    region = np.zeros_like(keep)
-    stack = [np.unravel_index(probability.argmax(), probability.shape)]
-    while stack:
-        y, x = stack.pop()
-        if 0 <= y < grid and 0 <= x < grid and keep[y, x] and not region[y, x]:
-            region[y, x] = True
-            stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
-    return region
 
 
 def main() -> None:
@@ -87,7 +66,7 @@ def main() -> None:
     tune_cells, held_cells = cells(tune), cells(held)
     tune_boxes, held_boxes = boxes(tune), boxes(held)
     x = torch.tensor(tune_cells.reshape(-1, tune_cells.shape[2]))
-    y = torch.tensor(np.concatenate([cell_cover(box, grid) >= 0.5 for box in tune_boxes]).astype(np.float32))
+    y = torch.tensor(np.concatenate([cell_targets(box, grid, grid) for box in tune_boxes]))
     held_classes = np.array([label for _, label in held])
     report = {"command": "python benchmarks/roi_cell_scorer.py " + " ".join(os.sys.argv[1:]),
               "encoder": args.encoder, "tune": len(tune), "held_out": len(held), "grid": grid, "rows": []}
