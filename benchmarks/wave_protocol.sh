@@ -18,7 +18,9 @@
 #                               the linear probe, the fusion head (modes none, dual) and the gated dual view at 5 / 10 / 20 %,
 #                               the first two at 100 % (wave_intensity-… and wave_intensity100-…), 5 seeds
 # encoder: litemedsam | lite2 | bank (litemedsam+efficientnet_lite2). Each evaluate's metrics.json is copied to
-# benchmarks/results/wave_<step>.json with the commit that made it.
+# benchmarks/results/wave_<step><RESULT_TAG>.json with the commit that made it. RESULT_TAG (default empty) keeps a rerun
+# at a later commit apart from the earlier results, e.g. RESULT_TAG=-map once brain_tumor's `auto` policy became
+# brain-mri-map (bf97306).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
@@ -29,6 +31,7 @@ ZOOM=benchmarks/params/wave_protocol_zoom.yaml
 SHOTS=benchmarks/params/wave_protocol_shots.yaml
 STRETCH=benchmarks/params/wave_protocol_stretch.yaml
 COMMIT=$(git rev-parse --short HEAD)
+RESULT_TAG=${RESULT_TAG:-}
 
 root_of() {
   case "$1" in
@@ -51,7 +54,7 @@ evaluate() {  # step dataset params evaluate-options...
   echo "== $step ($(date -u +%H:%M:%S))"
   local start=$SECONDS
   medfocus evaluate -d "$dataset" --root "$(root_of "$dataset")" --params "$params" --cache-dir "$CACHE" -q "$@" > /dev/null
-  python - "$CACHE/$dataset/metrics.json" "benchmarks/results/wave_$step.json" "$COMMIT" "$params" "$*" $((SECONDS - start)) <<'EOF'
+  python - "$CACHE/$dataset/metrics.json" "benchmarks/results/wave_$step$RESULT_TAG.json" "$COMMIT" "$params" "$*" $((SECONDS - start)) <<'EOF'
 import json, sys
 source, target, commit, params, options, seconds = sys.argv[1:]
 metrics = json.load(open(source))
