@@ -276,6 +276,12 @@ class ExternalSetParams(Section):
         description="External class -> the training classes it stands for (their probabilities are summed), for "
                     "coarser labels; an external class not listed must match a training class by name.",
     )
+    groups: str | None = Field(
+        default=None,
+        description="CSV with columns path (as under root, e.g. tumor/y1.jpg) and group (a site, scanner, MR weighting...): "
+                    "the set's accuracy is also reported per group, so a failure can be traced to one kind of image. "
+                    "Images it does not list form the group 'unlisted'.",
+    )
 
     @field_validator("class_map")
     @classmethod

@@ -11,7 +11,10 @@ Files, under ``cache/<dataset>/``:
 - ``external.json``: per set its root, classes, the resolved class map, counts, what was left out and why (content
   only: DVC's dependency of segment, features and evaluate; written only when it changes);
 - ``external/<NAME>/manifest.csv``: its images (split ``external``), ``external/<NAME>/files.npz``: decoded-file cache;
-- ``external.run.json``: what the last preparation was made from (a fingerprint), so an unchanged set is not read again.
+- ``external.run.json``: what the last preparation was made from (a fingerprint), so an unchanged set is not read again;
+- ``external_groups.json``: each set's groups file (``groups``: a CSV naming a group, such as a scanner or an MR
+  weighting, per image) and its sha256: evaluate's dependency alone, so editing the groups reruns evaluate and report
+  and nothing else. Evaluate reports the set's accuracy per group beside the whole set's.
 
 Classes: an external class is matched to the training class of the same name (compared as prepare compares folder
 names), or mapped through ``class_map`` to one or more training classes (coarser labels: ``tumor: [glioma_tumor,
@@ -30,6 +33,7 @@ source. Both kinds are counted, with examples, in ``external.json`` and ``metric
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -339,3 +343,46 @@ def external_work_items(prepared: PreparedDataset, sets: list[ExternalSet]) -> l
                 items.append(item)
     return items
 
+
+# ---------------------------------------------------------------------------------------------------- groups
+GROUP_COLUMNS = ("path", "group")
+UNLISTED_GROUP = "unlisted"
+
+
+def read_groups(external: ExternalSet, groups_file: str) -> list[str]:
+    """The group of each of ``external``'s images (in its entries' order) from a CSV with columns ``path`` (as under
+    the set's root) and ``group``; an image the file does not list is in :data:`UNLISTED_GROUP`. A missing file,
+    a missing column, an empty group or a path given two groups is an :class:`ExternalSetError` naming it."""
+    path = Path(groups_file)
+    if not path.is_file():
+        raise ExternalSetError(f"external set {external.name!r}: groups file {groups_file} not found")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        lacking = [column for column in GROUP_COLUMNS if column not in (reader.fieldnames or [])]
+        if lacking:
+            raise ExternalSetError(f"external set {external.name!r}: groups file {groups_file} lacks column(s) "
+                                   f"{', '.join(lacking)} (it needs {', '.join(GROUP_COLUMNS)})")
+        group_of: dict[str, str] = {}
+        for line, row in enumerate(reader, start=2):
+            image, group = Path(row["path"].strip()).as_posix(), (row["group"] or "").strip()
+            if not group:
+                raise ExternalSetError(f"external set {external.name!r}: {groups_file} line {line}: {image} has no group")
+            if group_of.setdefault(image, group) != group:
+                raise ExternalSetError(f"external set {external.name!r}: {groups_file} gives {image} two groups "
+                                       f"({group_of[image]!r} and {group!r})")
+    return [group_of.get(Path(entry.path).as_posix(), UNLISTED_GROUP) for entry in external.entries]
+
+
+def write_groups_summary(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
+    """``external_groups.json``: per external set with ``groups``, the file and its sha256 (rewritten only when that
+    changes, so evaluate reruns exactly when a groups file does); a groups file that is not there is an error."""
+    summary = {}
+    for name, item in sorted(sets_for(dataset.name, params).items()):
+        if item.groups is None:
+            continue
+        if not Path(item.groups).is_file():
+            raise ExternalSetError(f"external set {name!r}: groups file {item.groups} not found")
+        summary[name] = {"file": item.groups, "sha256": file_sha256(item.groups)}
+    if not paths.external_groups.exists() or read_json(paths.external_groups) != summary:
+        write_json(paths.external_groups, summary)
+    return summary

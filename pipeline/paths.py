@@ -45,6 +45,11 @@ class DatasetPaths:
     def external_summary(self) -> Path:
         return self.dir / "external.json"
 
+    @property
+    def external_groups(self) -> Path:
+        """Each external set's groups file (evaluate.external.<name>.groups) and its digest: evaluate's dependency."""
+        return self.dir / "external_groups.json"
+
     def external_dir(self, name: str) -> Path:
         return self.dir / "external" / name
 

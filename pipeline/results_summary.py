@@ -366,7 +366,8 @@ def summarize(results: list[dict], runs: list[dict], *, dataset: dict, models: d
 def external_comparison(table: dict, results: list[dict], external: dict | None) -> dict | None:
     """Internal beside external accuracy, per external test set: the compact table's rows and columns, each cell the
     row's internal test accuracy and its accuracy on the external set (the same fits; mean ± std over seeds, 95 %
-    bootstrap intervals over each set's images) and their difference. None without external sets."""
+    bootstrap intervals over each set's images) and their difference; with a groups file, also the accuracy within
+    each group (and the set's ``groups``: the file and the images per group and class). None without external sets."""
     if not external:
         return None
     by_key = {(r["method"], r["mode"], subset_label(r["fraction"], r["shots"])): r for r in results}
@@ -385,14 +386,16 @@ def external_comparison(table: dict, results: list[dict], external: dict | None)
                 cells[column] = {"internal": result["accuracy"], "internal_ci95": result.get("accuracy_ci95"),
                                  "external": outside, "external_std": scores.get("accuracy_std"),
                                  "external_ci95": scores.get("accuracy_ci95"),
-                                 "difference": None if outside is None else round(outside - result["accuracy"], 2)}
+                                 "difference": None if outside is None else round(outside - result["accuracy"], 2),
+                                 **({"groups": {group: {key: value[key] for key in ("accuracy", "accuracy_ci95", "recall")}
+                                                for group, value in scores["groups"].items()}} if "groups" in scores else {})}
             rows.append({"label": row["label"], "method": row["method"], "mode": mode, "uses_roi": row["uses_roi"],
                          "cells": cells})
         copies = meta.get("copies_of_training_source", {})
         sets[name] = {"images": meta.get("images"), "classes": meta.get("classes"), "class_map": meta.get("class_map"),
                       "unmapped_training_classes": meta.get("unmapped_training_classes", []),
                       "copies_removed": {"byte": copies.get("byte_copies", 0), "near": copies.get("near_copies", 0)},
-                      "rows": rows}
+                      "rows": rows, **({"groups": meta["groups"]} if meta.get("groups") else {})}
     return {"columns": table["columns"], "sets": sets}
 
 

@@ -35,7 +35,7 @@ from medfocus.pipeline.cached_features import (
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import current_feature_store, current_mask_store
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.external import load_externals, map_probabilities, mapping_matrix
+from medfocus.pipeline.external import load_externals, map_probabilities, mapping_matrix, read_groups, sets_for
 from medfocus.pipeline.feature_bank import feature_store_locator, open_feature_store
 from medfocus.pipeline.manifest import write_atomic, write_json
 from medfocus.pipeline.paper import paper_datasets, paper_results
@@ -92,27 +92,44 @@ def flat_run(run: dict) -> dict:
     return out
 
 
-def aggregate_external(runs: list[dict]) -> dict[tuple, dict[str, dict]]:
+def _accuracy_over_seeds(correct: list[list[int]]) -> dict:
+    """Accuracy mean ± std over seeds (%) and the bootstrap 95 % interval over the images of the accuracy averaged
+    over seeds (the internal rows' rule), from each seed's 0/1 per image."""
+    accuracy = np.array([np.mean(seed) for seed in correct])
+    return {"accuracy": _percent(float(accuracy.mean())),
+            "accuracy_std": _percent(float(accuracy.std(ddof=1)) if len(accuracy) > 1 else 0.0),
+            "accuracy_ci95": [_percent(b) for b in bootstrap_accuracy_ci(correct)]}
+
+
+def aggregate_external(runs: list[dict], groups: dict[str, dict] | None = None) -> dict[tuple, dict[str, dict]]:
     """Per (method, mode, fraction, shots) and external set: accuracy mean ± std over seeds (%), the bootstrap 95 %
     interval over the external images of the accuracy averaged over seeds (the internal rows' rule), and the mean
-    balanced accuracy and macro-F1 (%)."""
-    groups: dict[tuple, list[dict]] = {}
+    balanced accuracy and macro-F1 (%). A set in ``groups`` (``groups``: each image's group, ``labels``: its external
+    class index, ``classes``: their names; images in the set's order) also gets ``groups``: per group the same accuracy
+    figures, its image count and the recall of each external class it holds (%, mean over seeds)."""
+    settings: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["method"], run["mode"], run.get("fraction"), run.get("shots")), []).append(run)
+        settings.setdefault((run["method"], run["mode"], run.get("fraction"), run.get("shots")), []).append(run)
     out: dict[tuple, dict[str, dict]] = {}
-    for key, members in groups.items():
+    for key, members in settings.items():
         names = list(dict.fromkeys(name for run in members for name in (run.get("external") or {})))
         for name in names:
             scores = [run["external"][name] for run in members if name in (run.get("external") or {})]
-            accuracy = np.array([s["accuracy"] for s in scores])
+            correct = np.array([s["correct"] for s in scores])
             out.setdefault(key, {})[name] = {
-                "accuracy": _percent(float(accuracy.mean())),
-                "accuracy_std": _percent(float(accuracy.std(ddof=1)) if len(accuracy) > 1 else 0.0),
-                "accuracy_ci95": [_percent(b) for b in bootstrap_accuracy_ci([s["correct"] for s in scores])],
+                **_accuracy_over_seeds(correct.tolist()),
                 "balanced_accuracy": _percent(float(np.mean([s["balanced_accuracy"] for s in scores]))),
                 "macro_f1": _percent(float(np.mean([s["macro_f1"] for s in scores]))),
                 "images": scores[0]["n_samples"], "seeds": len(scores),
             }
+            if name in (groups or {}):
+                of_image, labels = np.array(groups[name]["groups"], dtype=object), np.array(groups[name]["labels"])
+                out[key][name]["groups"] = {
+                    group: {**_accuracy_over_seeds(correct[:, of_image == group].tolist()), "images": int((of_image == group).sum()),
+                            "recall": {cls: _percent(float(correct[:, (of_image == group) & (labels == index)].mean()))
+                                       for index, cls in enumerate(groups[name]["classes"])
+                                       if ((of_image == group) & (labels == index)).any()}}
+                    for group in sorted(set(of_image))}
     return out
 
 
@@ -230,7 +247,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
                 alignment["subset_images_left_out"][f"{_subset_label(fraction, shots)} seed {seed}"] = len(hashes) - len(kept)
             subsets[(fraction, shots, seed)] = kept
 
-    external_context, external_images = _external_context(spec, params, paths, prepared, stores)
+    external_context, external_images, external_groups = _external_context(spec, params, paths, prepared, stores)
     tasks = [SubsetFits(order, mode, fraction, shots, seed, tuple(hashes))
              for order, (mode, ((fraction, shots, seed), hashes)) in enumerate(itertools.product(settings.modes, subsets.items()))]
     # Longest first, so that no long fit is left to run alone at the end: the biggest subsets, and at one size the mode
@@ -262,13 +279,15 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
     encoder = {"name": attrs["spec"]["encoder"].get("model"), "weights": attrs["provenance"]["weights_source"],
                "sha256": attrs["spec"]["encoder"].get("weights_sha256")}
     return runs, {"features": sources, "encoder": encoder, "skipped": unavailable, "images": alignment,
-                  "external": external_images}
+                  "external": external_images, "external_groups": external_groups}
 
 
-def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, prepared, stores: dict) -> tuple[dict, dict]:
+def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, prepared, stores: dict) -> tuple[dict, dict, dict]:
     """Per external test set (pipeline.external): the images with features in every evaluated mode, their labels (the
-    external classes), the class-mapping matrix and the prediction columns; and what was left out, per set."""
-    context, images = {}, {}
+    external classes), the class-mapping matrix and the prediction columns; what was left out, per set; and per set
+    with a groups file, the group and class of each of those images (see :func:`aggregate_external`; the counts per
+    group and class are in the second dict)."""
+    context, images, groups = {}, {}, {}
     for external in load_externals(spec, params, paths, prepared):
         hashes = [entry.hash for entry in external.entries]
         have = set(hashes)
@@ -291,7 +310,17 @@ def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, pr
                                  "classes": external.class_names, "class_map": external.class_map,
                                  "columns": context[external.name]["columns"],
                                  "counts": {name: sum(entry.label == name for entry in kept) for name in external.class_names}}
-    return context, images
+        groups_file = sets_for(spec.name, params)[external.name].groups
+        if groups_file:
+            group_of = dict(zip((entry.hash for entry in external.entries), read_groups(external, groups_file)))
+            kept_groups = [group_of[entry.hash] for entry in kept]
+            groups[external.name] = {"groups": kept_groups, "labels": context[external.name]["labels"],
+                                     "classes": external.class_names}
+            images[external.name]["groups"] = {
+                "file": groups_file,
+                "counts": {group: {name: sum(g == group and entry.label == name for g, entry in zip(kept_groups, kept))
+                                   for name in external.class_names} for group in sorted(set(kept_groups))}}
+    return context, images, groups
 
 
 def _percent(value: float | None) -> float | None:
@@ -483,9 +512,9 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
     external_sets = identity["external"]
     if external_sets:
         # Each row's accuracy on each external test set, beside its internal accuracy (same fits).
-        by_group = aggregate_external(runs)
+        by_setting = aggregate_external(runs, identity["external_groups"])
         for row in [*table, *aggregated["groups"]]:
-            row["external"] = by_group.get((row["method"], row["mode"], row["fraction"], row["shots"]), {})
+            row["external"] = by_setting.get((row["method"], row["mode"], row["fraction"], row["shots"]), {})
     weights_sources = sorted({run["weights_source"] for run in runs})
     random_init = any(is_random_init(source) for source in weights_sources)
     out = paths.evaluation_dir

@@ -328,6 +328,30 @@ def per_class_section(summary: dict) -> str:
             f"same test images):</p>{matrix}</div></div>")
 
 
+def _groups_table(name: str, item: dict, columns: list[str]) -> str:
+    """One external set's accuracy within each group of its groups file: a row per compact-table row and group."""
+    counts = item["groups"]["counts"]
+    rows = []
+    for row in item["rows"]:
+        for group, per_class in counts.items():
+            cells = []
+            for column in columns:
+                scores = (row["cells"].get(column) or {}).get("groups", {}).get(group)
+                title = ""
+                if scores:
+                    low, high = scores["accuracy_ci95"]
+                    recall = ", ".join(f"{cls} {pct(value)}" for cls, value in scores["recall"].items())
+                    title = f' title="95 % CI {pct(low)}–{pct(high)}; recall: {_e(recall)}"'
+                cells.append(f"<td{title}>{_e(pct(scores['accuracy']) if scores else '—')}</td>")
+            css = ' class="roi"' if row["uses_roi"] else ""
+            rows.append(f"<tr{css}><th>{_e(row['label'])}</th><th>{_e(group)} ({sum(per_class.values())})</th>{''.join(cells)}</tr>")
+    makeup = "; ".join(f"{group}: " + ", ".join(f"{n} {c}" for c, n in per_class.items()) for group, per_class in counts.items())
+    return (f'<table class="compact"><thead><tr><th>method</th><th>group (images)</th>'
+            f'{"".join(f"<th>{_e(c)}</th>" for c in columns)}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<p class="note">Accuracy on {_e(name)} within each group of {_e(item["groups"]["file"])} (%, mean over seeds; '
+            f"hover for the 95 % bootstrap interval over the group's images and the recall of each class). Groups: {_e(makeup)}.</p>")
+
+
 def external_section(summary: dict, metrics: dict, plots: dict[str, dict[str, str]]) -> str:
     """Per external test set: internal | external accuracy of every row at every training subset (the same fits), what
     was removed as copies of the training source, the class map, and its plots (accuracy vs fraction, the confusion
@@ -362,6 +386,8 @@ def external_section(summary: dict, metrics: dict, plots: dict[str, dict[str, st
             + (f"; a prediction of {_e(', '.join(unmapped))}, which {_e(name)} lacks, counts as an error" if unmapped else "")
             + f". Removed from {_e(name)} as copies of {_e(summary['dataset']['name'])} images: {copies.get('byte_copies', 0)} "
             f"byte-identical and {copies.get('near_copies', 0)} near-copies (examples in metrics.json, external.json).</p>")
+        if item.get("groups"):
+            parts.append(_groups_table(name, item, columns))
         for kind, caption in (("accuracy", f"Accuracy on {name} against training fraction"),
                               ("confusion_matrix", f"Confusion matrix on {name}: the run fixed in advance")):
             if kind in plots.get(name, {}):

@@ -10,7 +10,8 @@ two outputs change only when a spec does, so segment and features rerun exactly 
 - ``external.json``: the external test sets whose images the stores will also hold (evaluate.external, see
   :mod:`medfocus.pipeline.external`): their folders sit in a nested params mapping that dvc.yaml's ``foreach`` cannot
   list as dependencies, so this always-run stage lists them (reading no unchanged file again) and rewrites the file
-  only when a set's images, classes or class map change.
+  only when a set's images, classes or class map change;
+- ``external_groups.json``: each external set's groups file and its sha256 (evaluate's dependency alone).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import resolve_specs
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.external import prepare_externals
+from medfocus.pipeline.external import prepare_externals, write_groups_summary
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.preparation import load_prepared
 
@@ -31,6 +32,7 @@ def resolve(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     prepared = load_prepared(dataset, params, paths, progress=False)
     segment, features = resolve_specs(dataset, params, paths, prepared)
     external = prepare_externals(dataset, params, paths, prepared)
+    write_groups_summary(dataset, params, paths)
     if features.encoder.note:
         log.info("%s", features.encoder.note)
     return {"segment": segment.key, "features": {mode: store.key for mode, store in features.stores.items()},

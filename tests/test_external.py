@@ -19,10 +19,18 @@ from PIL import Image
 
 from medfocus.pipeline.config import parse_params
 from medfocus.pipeline.datasets import resolve_dataset
-from medfocus.pipeline.external import ExternalSetError, map_probabilities, mapping_matrix, resolve_class_map
+from medfocus.pipeline.external import (
+    ExternalSet,
+    ExternalSetError,
+    map_probabilities,
+    mapping_matrix,
+    read_groups,
+    resolve_class_map,
+)
 from medfocus.pipeline.demo import render_demo_sample
+from medfocus.pipeline.manifest import Entry
 from medfocus.pipeline.paths import DatasetPaths
-from medfocus.stages.evaluate import score_external
+from medfocus.stages.evaluate import aggregate_external, score_external
 
 from .test_segment_stage import medfocus, stage_json
 
@@ -66,6 +74,53 @@ def test_a_prediction_of_a_class_the_external_set_lacks_is_an_error_in_its_confu
 def test_a_bad_class_map_names_what_is_wrong(external, class_map, message):
     with pytest.raises(ExternalSetError, match=message):
         resolve_class_map("br35h", external, TRAINING, class_map)
+
+
+# ---------------------------------------------------------------------------------------------------- groups
+def _set_of(paths: list[str]) -> ExternalSet:
+    entries = [Entry(f"hash{i}", path, path.split("/")[0], "external", 64, 64, "L") for i, path in enumerate(paths)]
+    return ExternalSet("br35h", Path("/data/br35h"), ["no_tumor", "tumor"], {"tumor": TUMOURS}, entries)
+
+
+def test_groups_come_from_the_csv_by_path_and_unlisted_images_form_their_own_group(tmp_path):
+    groups_file = tmp_path / "weighting.csv"
+    groups_file.write_text("path,group,reader\ntumor/y1.jpg,T2,a\n./no_tumor/3.jpg,T1,b\ntumor/gone.jpg,T1,a\n")
+    external = _set_of(["no_tumor/3.jpg", "tumor/y1.jpg", "tumor/y2.jpg"])
+    # ./ is the same path; a row for an image the set does not hold (e.g. a removed copy) is ignored.
+    assert read_groups(external, str(groups_file)) == ["T1", "T2", "unlisted"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("path,weighting\ntumor/y1.jpg,T2\n", "lacks column\\(s\\) group"),
+    ("path,group\ntumor/y1.jpg,T2\ntumor/y1.jpg,T1\n", "two groups \\('T2' and 'T1'\\)"),
+    ("path,group\ntumor/y1.jpg,\n", "line 2: tumor/y1.jpg has no group"),
+])
+def test_a_bad_groups_file_names_what_is_wrong(tmp_path, text, message):
+    groups_file = tmp_path / "groups.csv"
+    groups_file.write_text(text)
+    with pytest.raises(ExternalSetError, match=message):
+        read_groups(_set_of(["tumor/y1.jpg"]), str(groups_file))
+    with pytest.raises(ExternalSetError, match="groups file .*missing.csv not found"):
+        read_groups(_set_of(["tumor/y1.jpg"]), str(tmp_path / "missing.csv"))
+
+
+def test_accuracy_per_group_is_the_seeds_mean_within_each_group():
+    # Two seeds on four external images in groups a, a, b, b: seed 0 gets 1 0 | 1 1, seed 1 gets 1 1 | 0 0.
+    runs = [{"method": "m", "mode": "none", "fraction": 1.0, "shots": None, "seed": seed,
+             "external": {"x": {"accuracy": float(np.mean(correct)), "correct": correct, "balanced_accuracy": 0.5,
+                                "macro_f1": 0.5, "n_samples": 4}}}
+            for seed, correct in ((0, [1, 0, 1, 1]), (1, [1, 1, 0, 0]))]
+    # Classes: the images are tumour, none, tumour, tumour.
+    groups = {"x": {"groups": ["a", "a", "b", "b"], "labels": [1, 0, 1, 1], "classes": ["no_tumor", "tumor"]}}
+    cell = aggregate_external(runs, groups)[("m", "none", 1.0, None)]["x"]
+    assert cell["accuracy"] == 62.5
+    assert cell["groups"]["a"]["accuracy"] == 75.0 and cell["groups"]["a"]["accuracy_std"] == pytest.approx(35.36, abs=0.01)
+    assert cell["groups"]["a"]["recall"] == {"no_tumor": 50.0, "tumor": 100.0}
+    assert cell["groups"]["b"]["accuracy"] == 50.0 and cell["groups"]["b"]["images"] == 2
+    assert cell["groups"]["b"]["recall"] == {"tumor": 50.0}  # b holds no image of no_tumor
+    low, high = cell["groups"]["b"]["accuracy_ci95"]
+    assert 0 <= low <= 50.0 <= high <= 100
+    assert "groups" not in aggregate_external(runs)[("m", "none", 1.0, None)]["x"]
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -186,6 +241,11 @@ def evaluated(tmp_path_factory):
     base = tmp_path_factory.mktemp("external")
     data = make_data(base)
     raw = yaml.safe_load(write_params(base, data["external"], LESION).read_text())
+    # Groups (e.g. scanners): site_a and site_b; the fourth external image is not listed (group "unlisted").
+    groups_file = base / "sites.csv"
+    groups_file.write_text("path,group\nlesion/new_0_0.png,site_a\nspiculated_mass/new_2_0.png,site_a\n"
+                           "lesion/new_1_0.png,site_b\n")
+    raw["evaluate"]["external"]["other"]["groups"] = str(groups_file)
     params = parse_params(raw)
     spec = resolve_dataset("tiny", data["train"], params)
     paths = DatasetPaths("tiny", base / "cache")
@@ -230,6 +290,15 @@ def test_metrics_and_runs_carry_external_accuracy_with_an_interval(evaluated):
     row = next(r for r in metrics["results"] if (r["method"], r["fraction"]) == ("linear_probe", 1.0))
     mine = [float(r["external[other].accuracy"]) for r in runs if (r["method"], r["fraction"]) == ("linear_probe", "1.0")]
     assert row["external"]["other"]["accuracy"] == pytest.approx(100 * np.mean(mine), abs=0.01)
+    # Per group: images and classes counted; each row's accuracy within a group, its seeds' mean; the groups together
+    # make up the whole set's accuracy.
+    assert external["groups"]["counts"] == {"site_a": {"lesion": 1, "spiculated_mass": 1},
+                                            "site_b": {"lesion": 1, "spiculated_mass": 0},
+                                            "unlisted": {"lesion": 0, "spiculated_mass": 1}}
+    groups = row["external"]["other"]["groups"]
+    assert {group: value["images"] for group, value in groups.items()} == {"site_a": 2, "site_b": 1, "unlisted": 1}
+    assert sum(value["accuracy"] * value["images"] for value in groups.values()) / 4 == pytest.approx(
+        row["external"]["other"]["accuracy"], abs=0.02)
     plotted = (paths.evaluation_dir / "accuracy_vs_fraction.csv").read_text()
     assert "linear_probe/none @ external other" in plotted
     index = json.loads((paths.external_evaluation_dir / "index.json").read_text())
@@ -248,7 +317,7 @@ def test_the_summary_and_the_report_show_internal_beside_external(evaluated):
     cell = table["rows"][0]["cells"]["100%"]
     assert cell["difference"] == pytest.approx(cell["external"] - cell["internal"], abs=0.01)
     sentence = next(s for s in headline(summary) if s.startswith("Transfer to an external test set"))
-    assert f"% on other (95 % CI" in sentence and "4 images from another source, after removing 1 byte and 1 near-copies" in sentence
+    assert "% on other (95 % CI" in sentence and "4 images from another source, after removing 1 byte and 1 near-copies" in sentence
     best = next(row for row in table["rows"] if row["label"] == summary["best"]["label"])["cells"]["50%"]
     assert f"reaches {best['external']:.1f} ± {best['external_std']:.1f} % on other" in sentence
     assert "external" in flat_headline(summary) and "other" in flat_headline(summary)["external"]
@@ -267,6 +336,11 @@ def test_the_summary_and_the_report_show_internal_beside_external(evaluated):
     row = evaluated["metrics"]["results"][0]["external"]["other"]
     low, high = row["accuracy_ci95"]
     assert f"<td>{row['accuracy']:.2f} ± {row['accuracy_std']:.2f}</td><td>{low:.1f}–{high:.1f}</td>" in page
+    # The groups table: a row per method and group, the accuracy within the group per training subset.
+    assert "<th>group (images)</th>" in page and "<th>site_a (2)</th>" in page and "<th>unlisted (1)</th>" in page
+    site_b = table["rows"][0]["cells"]["100%"]["groups"]["site_b"]
+    assert "<th>site_b (1)</th><td" in page and f">{site_b['accuracy']:.1f}</td>" in page
+    assert f"recall: lesion {site_b['recall']['lesion']:.1f}" in page  # site_b holds one lesion image, no other class
 
 
 # ---------------------------------------------------------------------------------------------------- dvc
@@ -292,6 +366,18 @@ def test_dvc_tracks_an_external_set_like_any_other_input(tmp_path_factory):
     assert metrics["external"]["other"]["images"] == 2
     assert metrics["external"]["other"]["unmapped_training_classes"] == ["spiculated_mass"]
     assert "external" in repository.summary("report")["headline"]
+    assert repository.repro() == {RESOLVE}
+
+    # A groups file: only evaluate and report read it, so editing it reruns them (and the always-run resolve) alone.
+    groups_file = repository.root / "external_sites.csv"
+    groups_file.write_text("path,group\ncyst/cyst_50.png,site_a\nnodule/nodule_50.png,site_b\n")
+    params["evaluate"]["external"]["other"]["groups"] = "external_sites.csv"
+    repository.write_params(params)
+    assert repository.repro() == {RESOLVE, f"evaluate@{DATASET}", f"report@{DATASET}"}
+    groups_file.write_text("path,group\ncyst/cyst_50.png,site_a\nnodule/nodule_50.png,site_a\n")
+    assert repository.repro() == {RESOLVE, f"evaluate@{DATASET}", f"report@{DATASET}"}
+    metrics = json.loads((repository.root / "cache" / DATASET / "metrics.json").read_text())
+    assert metrics["external"]["other"]["groups"]["counts"] == {"site_a": {"cyst": 1, "nodule": 1}}
     assert repository.repro() == {RESOLVE}
 
     _scan(1, 51, seed=3).save(external / "nodule" / "nodule_51.png")
