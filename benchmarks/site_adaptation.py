@@ -17,7 +17,6 @@ side. Feature stores are named by key (as `medfocus features` printed them), lik
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import shlex
