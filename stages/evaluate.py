@@ -67,28 +67,36 @@ GROUND_TRUTH_SUFFIX = "_mask.png"
 
 
 # ---------------------------------------------------------------------------------------------------- external test sets
-def score_external(proba, labels: list[int], matrix: np.ndarray, columns: list[str]) -> dict:
+def score_external(proba, labels: list[int], matrix: np.ndarray, columns: list[str], groups: list[str] | None = None) -> dict:
     """One fit on one external set (pipeline.external): the metrics of :func:`compute_metrics` over the prediction
     columns (the external classes, then the unmapped training classes: predicting one of those is an error), the
-    run's bootstrap interval and ``correct`` (0/1 per external image, for the group's interval)."""
+    run's bootstrap interval and ``correct`` (0/1 per external image, for the group's interval); with ``groups`` (each
+    image's group of the set's groups file), ``group_accuracy``: the run's accuracy within each group."""
     mapped = map_probabilities(proba, matrix)
     metrics = compute_metrics(np.asarray(labels), mapped, columns)
-    correct = (mapped.argmax(axis=1) == np.asarray(labels)).astype(int).tolist()
+    correct = (mapped.argmax(axis=1) == np.asarray(labels)).astype(int)
     keep = ("n_samples", "accuracy", "balanced_accuracy", "macro_f1", "auroc_ovr", "per_class_recall", "confusion_matrix",
             "class_names")
-    return {key: metrics[key] for key in keep} | {"accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct}
+    out = {key: metrics[key] for key in keep} | {"accuracy_ci95": list(bootstrap_accuracy_ci(correct)), "correct": correct.tolist()}
+    if groups is not None:
+        of_image = np.array(groups, dtype=object)
+        out["group_accuracy"] = {group: float(correct[of_image == group].mean()) for group in sorted(set(groups))}
+    return out
 
 
 EXTERNAL_RUN_COLUMNS = ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "auroc_ovr", "n_samples")
 
 
 def flat_run(run: dict) -> dict:
-    """A run as runs.csv writes it: each external set's scalars as ``external[NAME].accuracy``, ... columns (its
-    per-image ``correct`` and confusion matrix stay in metrics.json's aggregates)."""
+    """A run as runs.csv writes it: each external set's scalars as ``external[NAME].accuracy``, ... columns, and with a
+    groups file ``external[NAME].group[GROUP].accuracy`` (its per-image ``correct`` and confusion matrix stay in
+    metrics.json's aggregates)."""
     out = {key: value for key, value in run.items() if key != "external"}
     for name, scores in (run.get("external") or {}).items():
         for key in EXTERNAL_RUN_COLUMNS:
             out[f"external[{name}].{key}"] = scores[key]
+        for group, accuracy in scores.get("group_accuracy", {}).items():
+            out[f"external[{name}].group[{group}].accuracy"] = accuracy
     return out
 
 
@@ -191,7 +199,8 @@ def _fit_subset(task: SubsetFits, context: dict) -> list[dict]:
         correct = (proba.argmax(dim=1) == test.labels).int().tolist()
         # The same fit on each external test set (pipeline.external): probabilities summed over the mapped classes.
         external = {name: score_external(model.predict_proba(features), context["external"][name]["labels"],
-                                         context["external"][name]["matrix"], context["external"][name]["columns"])
+                                         context["external"][name]["matrix"], context["external"][name]["columns"],
+                                         context["external"][name].get("groups"))
                     for name, features in external_sets.items()}
         results.append({"order": order, "method": method, "mode": task.mode, "fraction": task.fraction, "shots": task.shots,
                         "seed": task.seed, "weights_source": cached.weights_source, "n_train": len(train_set),
@@ -316,6 +325,7 @@ def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, pr
             kept_groups = [group_of[entry.hash] for entry in kept]
             groups[external.name] = {"groups": kept_groups, "labels": context[external.name]["labels"],
                                      "classes": external.class_names}
+            context[external.name]["groups"] = kept_groups
             images[external.name]["groups"] = {
                 "file": groups_file,
                 "counts": {group: {name: sum(g == group and entry.label == name for g, entry in zip(kept_groups, kept))

@@ -208,6 +208,20 @@ def test_a_bad_class_map_is_a_one_line_error(tmp_path):
     assert medfocus("evaluate", *common[:5], params, *common[6:], "--external", "nonsense").exit_code == 2
 
 
+def test_a_missing_groups_file_stops_resolve_with_one_line(tmp_path):
+    data = make_data(tmp_path)
+    params = write_params(tmp_path, data["external"], LESION)
+    raw = yaml.safe_load(params.read_text())
+    raw["evaluate"]["external"]["other"]["groups"] = str(tmp_path / "sites.csv")  # not there
+    params.write_text(yaml.safe_dump(raw))
+    common = ("-d", "tiny", "--root", data["train"], "--params", params, "--cache-dir", tmp_path / "cache")
+    assert medfocus("prepare", *common, "-q").exit_code == 0
+    result = medfocus("resolve", *common)  # evaluate reads the file with the same check (read_groups, above)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "groups file" in lines[0] and "sites.csv not found" in lines[0]
+    assert not (tmp_path / "cache" / "tiny" / "external_groups.json").exists()
+
+
 def test_an_external_set_changes_no_manifest_split_or_store_key_of_the_training_dataset(tmp_path):
     data = make_data(tmp_path)
     outputs = {}
@@ -299,6 +313,9 @@ def test_metrics_and_runs_carry_external_accuracy_with_an_interval(evaluated):
     assert {group: value["images"] for group, value in groups.items()} == {"site_a": 2, "site_b": 1, "unlisted": 1}
     assert sum(value["accuracy"] * value["images"] for value in groups.values()) / 4 == pytest.approx(
         row["external"]["other"]["accuracy"], abs=0.02)
+    # runs.csv: each run's accuracy within each group; the row's group accuracy is their mean.
+    site_a = [float(r["external[other].group[site_a].accuracy"]) for r in runs if (r["method"], r["fraction"]) == ("linear_probe", "1.0")]
+    assert groups["site_a"]["accuracy"] == pytest.approx(100 * np.mean(site_a), abs=0.01)
     plotted = (paths.evaluation_dir / "accuracy_vs_fraction.csv").read_text()
     assert "linear_probe/none @ external other" in plotted
     index = json.loads((paths.external_evaluation_dir / "index.json").read_text())
