@@ -5,8 +5,8 @@ T1-weighted with contrast; benchmarks/notes/2026-12-07-br35h-by-mr-weighting.md)
 none (brain_tumor's three tumour classes joined) on a brain_tumor training subset plus k labelled slices of the
 external set, half tumour and half not, drawn from one part of the set; it is scored on the other part, overall and per
 group of a groups CSV (`path,group`, as evaluate.external.NAME.groups). The set is split by the number in each file's
-name (the lower half of each class adapts, the upper half tests), so neighbouring slices of one patient stay on one
-side. Feature stores are named by key (as `medfocus features` printed them), like benchmarks/gate_probe.py.
+name (the lower half of each class adapts, the upper half tests), so neighbouring slices (likely one patient's: the set
+has no patient ids) stay on one side. Brain MRI only: the classes are no_tumor and the training dataset's others joined. Feature stores are named by key (as `medfocus features` printed them), like benchmarks/gate_probe.py.
 
     python benchmarks/site_adaptation.py --cache /work/wavecache/run --dataset brain_tumor \
         --root ../shared/datasets/brain_tumor/train --params benchmarks/params/wave_protocol_stretch.yaml \
@@ -83,13 +83,15 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
 
-    params = Params.model_validate(yaml.safe_load(open(args.params)))
+    if any(added % 2 for added in args.added):
+        parser.error("--added: even numbers (half tumour, half not)")
+    params = Params.model_validate(yaml.safe_load(Path(args.params).read_text()))
     spec = resolve_dataset(args.dataset, args.root, params)
     paths = DatasetPaths(args.dataset, Path(args.cache))
     prepared = load_prepared(spec, params, paths, progress=False)
     external = next(item for item in load_externals(spec, params, paths, prepared) if item.name == args.external)
     groups_file = params.evaluate.external[args.external].groups
-    groups = np.array(read_groups(external, groups_file), dtype=object)
+    groups = np.array(read_groups(external, groups_file).of_image, dtype=object)
     outside_labels = np.array([BINARY.index(entry.label) for entry in external.entries])
     # Lower half of each class (by file number) adapts, upper half tests.
     adapt = np.zeros(len(external.entries), dtype=bool)

@@ -308,7 +308,7 @@ class EvaluateParams(Section):
                                                       "worker's torch gets cores / workers threads.")
     external: dict[str, ExternalSetParams] = Field(
         default_factory=dict,
-        description="External test sets: name -> {root, dataset, class_map}; every fit also predicts them (README: "
+        description="External test sets: name -> {root, dataset, class_map, groups}; every fit also predicts them (README: "
                     "External test sets).",
     )
 

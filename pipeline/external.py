@@ -349,40 +349,77 @@ GROUP_COLUMNS = ("path", "group")
 UNLISTED_GROUP = "unlisted"
 
 
-def read_groups(external: ExternalSet, groups_file: str) -> list[str]:
-    """The group of each of ``external``'s images (in its entries' order) from a CSV with columns ``path`` (as under
-    the set's root) and ``group``; an image the file does not list is in :data:`UNLISTED_GROUP`. A missing file,
-    a missing column, an empty group or a path given two groups is an :class:`ExternalSetError` naming it."""
+@dataclass(frozen=True)
+class ExternalGroups:
+    """The group of each image of an external set (in its entries' order) and how many rows of the file named none."""
+
+    of_image: list[str]
+    rows_naming_no_image: int
+
+
+def _relative_to_root(external: ExternalSet, text: str) -> str:
+    """A groups file's path as the set's manifest writes it: ``/`` separators, relative to the set's root."""
+    path = Path(text.strip().replace("\\", "/"))
+    if path.is_absolute():
+        try:
+            path = path.relative_to(external.root)
+        except ValueError:
+            return path.as_posix()
+    return path.as_posix()
+
+
+def read_groups(external: ExternalSet, groups_file: str) -> ExternalGroups:
+    """The groups of ``external``'s images from a CSV with columns ``path`` (as under the set's root; absolute paths
+    under it and ``\\`` separators are accepted) and ``group``; an image the file does not list is in
+    :data:`UNLISTED_GROUP`, and rows naming no image of the set (e.g. a copy of a training image, removed) are counted.
+    A missing file or column, a row without path or group, a group named like :data:`UNLISTED_GROUP`, a path given two
+    groups, or a file naming no image of the set is an :class:`ExternalSetError` naming it."""
     path = Path(groups_file)
+    where = f"external set {external.name!r}: groups file {groups_file}"
     if not path.is_file():
-        raise ExternalSetError(f"external set {external.name!r}: groups file {groups_file} not found")
-    with path.open(newline="") as handle:
+        raise ExternalSetError(f"{where} not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        lacking = [column for column in GROUP_COLUMNS if column not in (reader.fieldnames or [])]
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        lacking = [column for column in GROUP_COLUMNS if column not in reader.fieldnames]
         if lacking:
-            raise ExternalSetError(f"external set {external.name!r}: groups file {groups_file} lacks column(s) "
-                                   f"{', '.join(lacking)} (it needs {', '.join(GROUP_COLUMNS)})")
+            raise ExternalSetError(f"{where} lacks column(s) {', '.join(lacking)} (it needs {', '.join(GROUP_COLUMNS)})")
         group_of: dict[str, str] = {}
-        for line, row in enumerate(reader, start=2):
-            image, group = Path(row["path"].strip()).as_posix(), (row["group"] or "").strip()
-            if not group:
-                raise ExternalSetError(f"external set {external.name!r}: {groups_file} line {line}: {image} has no group")
+        for row in reader:
+            image, group = (row["path"] or "").strip(), (row["group"] or "").strip()
+            if not image or not group:
+                raise ExternalSetError(f"{where}, line {reader.line_num}: a row needs both a path and a group")
+            if group == UNLISTED_GROUP:
+                raise ExternalSetError(f"{where}, line {reader.line_num}: the group name {UNLISTED_GROUP!r} is kept for the "
+                                       "images the file does not list")
+            image = _relative_to_root(external, image)
             if group_of.setdefault(image, group) != group:
-                raise ExternalSetError(f"external set {external.name!r}: {groups_file} gives {image} two groups "
-                                       f"({group_of[image]!r} and {group!r})")
-    return [group_of.get(Path(entry.path).as_posix(), UNLISTED_GROUP) for entry in external.entries]
+                raise ExternalSetError(f"{where} gives {image} two groups ({group_of[image]!r} and {group!r})")
+    in_set = {Path(entry.path).as_posix() for entry in external.entries}
+    if group_of and not in_set & set(group_of):
+        raise ExternalSetError(f"{where} names no image of the set (paths are relative to {external.root}, e.g. "
+                               f"{external.entries[0].path}; the file has e.g. {next(iter(group_of))})")
+    unmatched = sum(1 for image in group_of if image not in in_set)
+    if unmatched:
+        log.warning("%s: %d row(s) name no image of the set (not found, or removed as copies of training images)", where,
+                    unmatched)
+    return ExternalGroups([group_of.get(Path(entry.path).as_posix(), UNLISTED_GROUP) for entry in external.entries], unmatched)
 
 
-def write_groups_summary(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
-    """``external_groups.json``: per external set with ``groups``, the file and its sha256 (rewritten only when that
-    changes, so evaluate reruns exactly when a groups file does); a groups file that is not there is an error."""
+def write_groups_summary(sets: list[ExternalSet], params: Params, paths: DatasetPaths, dataset: str) -> dict:
+    """``external_groups.json``: per external set with ``groups``, the file, its sha256 and its images per group
+    (rewritten only when that changes, so evaluate reruns exactly when a groups file does). Each file is read here,
+    so a bad one stops the pipeline before segment and features run."""
+    configured = sets_for(dataset, params)
     summary = {}
-    for name, item in sorted(sets_for(dataset.name, params).items()):
-        if item.groups is None:
+    for external in sets:
+        groups_file = configured[external.name].groups
+        if groups_file is None:
             continue
-        if not Path(item.groups).is_file():
-            raise ExternalSetError(f"external set {name!r}: groups file {item.groups} not found")
-        summary[name] = {"file": item.groups, "sha256": file_sha256(item.groups)}
+        groups = read_groups(external, groups_file)
+        summary[external.name] = {"file": groups_file, "sha256": file_sha256(groups_file),
+                                  "images": dict(sorted(Counter(groups.of_image).items())),
+                                  "rows_naming_no_image": groups.rows_naming_no_image}
     if not paths.external_groups.exists() or read_json(paths.external_groups) != summary:
         write_json(paths.external_groups, summary)
     return summary

@@ -70,7 +70,7 @@ GROUND_TRUTH_SUFFIX = "_mask.png"
 def score_external(proba, labels: list[int], matrix: np.ndarray, columns: list[str], groups: list[str] | None = None) -> dict:
     """One fit on one external set (pipeline.external): the metrics of :func:`compute_metrics` over the prediction
     columns (the external classes, then the unmapped training classes: predicting one of those is an error), the
-    run's bootstrap interval and ``correct`` (0/1 per external image, for the group's interval); with ``groups`` (each
+    run's bootstrap interval and ``correct`` (0/1 per external image, for the setting's interval over seeds); with ``groups`` (each
     image's group of the set's groups file), ``group_accuracy``: the run's accuracy within each group."""
     mapped = map_probabilities(proba, matrix)
     metrics = compute_metrics(np.asarray(labels), mapped, columns)
@@ -321,13 +321,14 @@ def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, pr
                                  "counts": {name: sum(entry.label == name for entry in kept) for name in external.class_names}}
         groups_file = sets_for(spec.name, params)[external.name].groups
         if groups_file:
-            group_of = dict(zip((entry.hash for entry in external.entries), read_groups(external, groups_file)))
+            read = read_groups(external, groups_file)
+            group_of = dict(zip((entry.hash for entry in external.entries), read.of_image))
             kept_groups = [group_of[entry.hash] for entry in kept]
             groups[external.name] = {"groups": kept_groups, "labels": context[external.name]["labels"],
                                      "classes": external.class_names}
             context[external.name]["groups"] = kept_groups
             images[external.name]["groups"] = {
-                "file": groups_file,
+                "file": groups_file, "rows_naming_no_image": read.rows_naming_no_image,
                 "counts": {group: {name: sum(g == group and entry.label == name for g, entry in zip(kept_groups, kept))
                                    for name in external.class_names} for group in sorted(set(kept_groups))}}
     return context, images, groups

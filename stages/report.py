@@ -345,7 +345,7 @@ def _groups_table(name: str, item: dict, columns: list[str]) -> str:
                 cells.append(f"<td{title}>{_e(pct(scores['accuracy']) if scores else '—')}</td>")
             css = ' class="roi"' if row["uses_roi"] else ""
             rows.append(f"<tr{css}><th>{_e(row['label'])}</th><th>{_e(group)} ({sum(per_class.values())})</th>{''.join(cells)}</tr>")
-    makeup = "; ".join(f"{group}: " + ", ".join(f"{n} {c}" for c, n in per_class.items()) for group, per_class in counts.items())
+    makeup = "; ".join(f"{group}: " + ", ".join(f"{n} {c}" for c, n in per_class.items() if n) for group, per_class in counts.items())
     return (f'<table class="compact"><thead><tr><th>method</th><th>group (images)</th>'
             f'{"".join(f"<th>{_e(c)}</th>" for c in columns)}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
             f'<p class="note">Accuracy on {_e(name)} within each group of {_e(item["groups"]["file"])} (%, mean over seeds; '

@@ -21,7 +21,7 @@ import logging
 from medfocus.pipeline.config import Params
 from medfocus.pipeline.current_stores import resolve_specs
 from medfocus.pipeline.datasets import DatasetSpec
-from medfocus.pipeline.external import prepare_externals, write_groups_summary
+from medfocus.pipeline.external import load_externals, prepare_externals, write_groups_summary
 from medfocus.pipeline.paths import DatasetPaths
 from medfocus.pipeline.preparation import load_prepared
 
@@ -32,7 +32,7 @@ def resolve(dataset: DatasetSpec, params: Params, paths: DatasetPaths) -> dict:
     prepared = load_prepared(dataset, params, paths, progress=False)
     segment, features = resolve_specs(dataset, params, paths, prepared)
     external = prepare_externals(dataset, params, paths, prepared)
-    write_groups_summary(dataset, params, paths)
+    write_groups_summary(load_externals(dataset, params, paths, prepared), params, paths, dataset.name)
     if features.encoder.note:
         log.info("%s", features.encoder.note)
     return {"segment": segment.key, "features": {mode: store.key for mode, store in features.stores.items()},

@@ -84,16 +84,22 @@ def _set_of(paths: list[str]) -> ExternalSet:
 
 def test_groups_come_from_the_csv_by_path_and_unlisted_images_form_their_own_group(tmp_path):
     groups_file = tmp_path / "weighting.csv"
-    groups_file.write_text("path,group,reader\ntumor/y1.jpg,T2,a\n./no_tumor/3.jpg,T1,b\ntumor/gone.jpg,T1,a\n")
-    external = _set_of(["no_tumor/3.jpg", "tumor/y1.jpg", "tumor/y2.jpg"])
-    # ./ is the same path; a row for an image the set does not hold (e.g. a removed copy) is ignored.
-    assert read_groups(external, str(groups_file)) == ["T1", "T2", "unlisted"]
+    # Written on Windows: a byte-order mark, CRLF line ends, backslashes; an absolute path under the set's root.
+    groups_file.write_bytes("\ufeffpath , group,reader\r\ntumor\\y1.jpg,T2,a\r\n./no_tumor/3.jpg,T1,b\r\n"
+                            "/data/br35h/tumor/y3.jpg,T1,a\r\ntumor/gone.jpg,T1,a\r\n".encode("utf-8"))
+    external = _set_of(["no_tumor/3.jpg", "tumor/y1.jpg", "tumor/y2.jpg", "tumor/y3.jpg"])
+    groups = read_groups(external, str(groups_file))
+    assert groups.of_image == ["T1", "T2", "unlisted", "T1"]
+    assert groups.rows_naming_no_image == 1  # tumor/gone.jpg: e.g. a copy of a training image, removed from the set
 
 
 @pytest.mark.parametrize("text, message", [
     ("path,weighting\ntumor/y1.jpg,T2\n", "lacks column\\(s\\) group"),
     ("path,group\ntumor/y1.jpg,T2\ntumor/y1.jpg,T1\n", "two groups \\('T2' and 'T1'\\)"),
-    ("path,group\ntumor/y1.jpg,\n", "line 2: tumor/y1.jpg has no group"),
+    ("path,group\ntumor/y1.jpg,T1\n\ntumor/y2.jpg,\n", "line 4: a row needs both a path and a group"),
+    ("group,path\nT1\n", "line 2: a row needs both a path and a group"),
+    ("path,group\ntumor/y1.jpg,unlisted\n", "the group name 'unlisted' is kept"),
+    ("path,group\nimages/tumor/y1.jpg,T1\n", "names no image of the set .*e.g. tumor/y1.jpg; the file has e.g. images/tumor/y1.jpg"),
 ])
 def test_a_bad_groups_file_names_what_is_wrong(tmp_path, text, message):
     groups_file = tmp_path / "groups.csv"
