@@ -70,8 +70,8 @@ GROUND_TRUTH_SUFFIX = "_mask.png"
 def score_external(proba, labels: list[int], matrix: np.ndarray, columns: list[str], groups: list[str] | None = None) -> dict:
     """One fit on one external set (pipeline.external): the metrics of :func:`compute_metrics` over the prediction
     columns (the external classes, then the unmapped training classes: predicting one of those is an error), the
-    run's bootstrap interval and ``correct`` (0/1 per external image, for the setting's interval over seeds); with ``groups`` (each
-    image's group of the set's groups file), ``group_accuracy``: the run's accuracy within each group."""
+    run's bootstrap interval and ``correct`` (0/1 per external image, for the setting's interval over seeds); with
+    ``groups`` (each image's group of the set's groups file), ``group_accuracy``: the run's accuracy within each group."""
     mapped = map_probabilities(proba, matrix)
     metrics = compute_metrics(np.asarray(labels), mapped, columns)
     correct = (mapped.argmax(axis=1) == np.asarray(labels)).astype(int)
@@ -109,12 +109,12 @@ def _accuracy_over_seeds(correct: list[list[int]]) -> dict:
             "accuracy_ci95": [_percent(b) for b in bootstrap_accuracy_ci(correct)]}
 
 
-def aggregate_external(runs: list[dict], groups: dict[str, dict] | None = None) -> dict[tuple, dict[str, dict]]:
+def aggregate_external(runs: list[dict], sets: dict[str, dict] | None = None) -> dict[tuple, dict[str, dict]]:
     """Per (method, mode, fraction, shots) and external set: accuracy mean ± std over seeds (%), the bootstrap 95 %
     interval over the external images of the accuracy averaged over seeds (the internal rows' rule), and the mean
-    balanced accuracy and macro-F1 (%). A set in ``groups`` (``groups``: each image's group, ``labels``: its external
-    class index, ``classes``: their names; images in the set's order) also gets ``groups``: per group the same accuracy
-    figures, its image count and the recall of each external class it holds (%, mean over seeds)."""
+    balanced accuracy and macro-F1 (%). A set whose entry in ``sets`` (evaluate's external context) has ``groups``
+    (each image's group; ``labels``: its class index into ``columns``) also gets ``groups``: per group the same accuracy
+    figures, its image count and the recall of each class it holds (%, mean over seeds)."""
     settings: dict[tuple, list[dict]] = {}
     for run in runs:
         settings.setdefault((run["method"], run["mode"], run.get("fraction"), run.get("shots")), []).append(run)
@@ -130,12 +130,13 @@ def aggregate_external(runs: list[dict], groups: dict[str, dict] | None = None) 
                 "macro_f1": _percent(float(np.mean([s["macro_f1"] for s in scores]))),
                 "images": scores[0]["n_samples"], "seeds": len(scores),
             }
-            if name in (groups or {}):
-                of_image, labels = np.array(groups[name]["groups"], dtype=object), np.array(groups[name]["labels"])
+            external = (sets or {}).get(name, {})
+            if "groups" in external:
+                of_image, labels = np.array(external["groups"], dtype=object), np.array(external["labels"])
                 out[key][name]["groups"] = {
                     group: {**_accuracy_over_seeds(correct[:, of_image == group].tolist()), "images": int((of_image == group).sum()),
                             "recall": {cls: _percent(float(correct[:, (of_image == group) & (labels == index)].mean()))
-                                       for index, cls in enumerate(groups[name]["classes"])
+                                       for index, cls in enumerate(external["columns"])
                                        if ((of_image == group) & (labels == index)).any()}}
                     for group in sorted(set(of_image))}
     return out
@@ -256,7 +257,7 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
                 alignment["subset_images_left_out"][f"{_subset_label(fraction, shots)} seed {seed}"] = len(hashes) - len(kept)
             subsets[(fraction, shots, seed)] = kept
 
-    external_context, external_images, external_groups = _external_context(spec, params, paths, prepared, stores)
+    external_context, external_images = _external_context(spec, params, paths, prepared, stores)
     tasks = [SubsetFits(order, mode, fraction, shots, seed, tuple(hashes))
              for order, (mode, ((fraction, shots, seed), hashes)) in enumerate(itertools.product(settings.modes, subsets.items()))]
     # Longest first, so that no long fit is left to run alone at the end: the biggest subsets, and at one size the mode
@@ -288,15 +289,14 @@ def run_protocol(spec: DatasetSpec, params: Params, paths: DatasetPaths, progres
     encoder = {"name": attrs["spec"]["encoder"].get("model"), "weights": attrs["provenance"]["weights_source"],
                "sha256": attrs["spec"]["encoder"].get("weights_sha256")}
     return runs, {"features": sources, "encoder": encoder, "skipped": unavailable, "images": alignment,
-                  "external": external_images, "external_groups": external_groups}
+                  "external": external_images, "external_context": external_context}
 
 
-def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, prepared, stores: dict) -> tuple[dict, dict, dict]:
+def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, prepared, stores: dict) -> tuple[dict, dict]:
     """Per external test set (pipeline.external): the images with features in every evaluated mode, their labels (the
-    external classes), the class-mapping matrix and the prediction columns; what was left out, per set; and per set
-    with a groups file, the group and class of each of those images (see :func:`aggregate_external`; the counts per
-    group and class are in the second dict)."""
-    context, images, groups = {}, {}, {}
+    external classes), the class-mapping matrix, the prediction columns and, with a groups file, each image's group;
+    and per set what was left out (and the images per group and class)."""
+    context, images = {}, {}
     for external in load_externals(spec, params, paths, prepared):
         hashes = [entry.hash for entry in external.entries]
         have = set(hashes)
@@ -324,14 +324,12 @@ def _external_context(spec: DatasetSpec, params: Params, paths: DatasetPaths, pr
             read = read_groups(external, groups_file)
             group_of = dict(zip((entry.hash for entry in external.entries), read.of_image))
             kept_groups = [group_of[entry.hash] for entry in kept]
-            groups[external.name] = {"groups": kept_groups, "labels": context[external.name]["labels"],
-                                     "classes": external.class_names}
             context[external.name]["groups"] = kept_groups
             images[external.name]["groups"] = {
                 "file": groups_file, "rows_naming_no_image": read.rows_naming_no_image,
                 "counts": {group: {name: sum(g == group and entry.label == name for g, entry in zip(kept_groups, kept))
                                    for name in external.class_names} for group in sorted(set(kept_groups))}}
-    return context, images, groups
+    return context, images
 
 
 def _percent(value: float | None) -> float | None:
@@ -523,7 +521,7 @@ def evaluate(spec: DatasetSpec, params: Params, paths: DatasetPaths, progress: b
     external_sets = identity["external"]
     if external_sets:
         # Each row's accuracy on each external test set, beside its internal accuracy (same fits).
-        by_setting = aggregate_external(runs, identity["external_groups"])
+        by_setting = aggregate_external(runs, identity["external_context"])
         for row in [*table, *aggregated["groups"]]:
             row["external"] = by_setting.get((row["method"], row["mode"], row["fraction"], row["shots"]), {})
     weights_sources = sorted({run["weights_source"] for run in runs})

@@ -117,7 +117,7 @@ def test_accuracy_per_group_is_the_seeds_mean_within_each_group():
                                 "macro_f1": 0.5, "n_samples": 4}}}
             for seed, correct in ((0, [1, 0, 1, 1]), (1, [1, 1, 0, 0]))]
     # Classes: the images are tumour, none, tumour, tumour.
-    groups = {"x": {"groups": ["a", "a", "b", "b"], "labels": [1, 0, 1, 1], "classes": ["no_tumor", "tumor"]}}
+    groups = {"x": {"groups": ["a", "a", "b", "b"], "labels": [1, 0, 1, 1], "columns": ["no_tumor", "tumor"]}}
     cell = aggregate_external(runs, groups)[("m", "none", 1.0, None)]["x"]
     assert cell["accuracy"] == 62.5
     assert cell["groups"]["a"]["accuracy"] == 75.0 and cell["groups"]["a"]["accuracy_std"] == pytest.approx(35.36, abs=0.01)
